@@ -1,0 +1,1 @@
+"""Where datasets live and how shards are written, fingerprinted and recorded."""

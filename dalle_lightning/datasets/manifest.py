@@ -1,0 +1,74 @@
+"""Per-shard completion records: what was written, from which inputs, with which settings.
+
+A manifest is written after its shard file is in place. A stage skips a shard
+whose manifest has the same fingerprint and whose file still matches it, so
+finished work is skipped even if the Prefect database is wiped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import fsspec
+
+from dalle_lightning.datasets.parquet_io import WrittenFile
+
+
+@dataclass
+class ShardManifest:
+    """Completion record of one shard of one stage."""
+
+    stage: str
+    """Stage that wrote the shard (``sources``, ``download``, ``filter``)."""
+    dataset: str
+    """Dataset name (the ``<name>`` folder)."""
+    shard_id: str
+    """Content-derived shard id, stable across stages."""
+    fingerprint: str
+    """hash(input fingerprint, stage config, stage version): equal means the shard is up to date."""
+    input_fingerprint: str
+    """Fingerprint of what the stage read for this shard."""
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Role (``output``, ``rejects``) -> {path, rows, bytes, sha256} of each file written."""
+    stats: dict[str, Any] = field(default_factory=dict)
+    """Counts and engine statistics (e.g. img2dataset's per-shard stats)."""
+    created: float = field(default_factory=time.time)
+    """Unix time the shard was completed."""
+
+    def add_file(self, role: str, written: WrittenFile) -> None:
+        self.files[role] = {"path": written.path, "rows": written.rows, "bytes": written.bytes, "sha256": written.sha256}
+
+
+def write_manifest(path: str, manifest: ShardManifest) -> None:
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    fs.makedirs(fs_path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(fs_path, "w") as f:
+        json.dump(asdict(manifest), f, indent=1, sort_keys=True)
+
+
+def read_manifest(path: str) -> ShardManifest | None:
+    """The manifest at ``path``, or None if absent or unreadable (treated as not done)."""
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    try:
+        with fs.open(fs_path, "r") as f:
+            return ShardManifest(**json.load(f))
+    except (FileNotFoundError, json.JSONDecodeError, TypeError):
+        return None
+
+
+def is_done(path: str, fingerprint: str) -> ShardManifest | None:
+    """The manifest if the shard is complete with ``fingerprint`` and its files exist with the recorded sizes."""
+    manifest = read_manifest(path)
+    if manifest is None or manifest.fingerprint != fingerprint:
+        return None
+    for info in manifest.files.values():
+        fs, fs_path = fsspec.core.url_to_fs(info["path"])
+        try:
+            if fs.size(fs_path) != info["bytes"]:
+                return None
+        except FileNotFoundError:
+            return None
+    return manifest

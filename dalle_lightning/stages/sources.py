@@ -1,0 +1,165 @@
+"""The ``sources`` stage: read a user's URL list and split it into content-addressed shards.
+
+Shards are consecutive runs of ``shard_size`` rows in list order; a shard's id
+is a digest of its rows' ``url`` and ``caption``. Appending URLs to the end of
+the list therefore leaves every earlier full shard (and all its downstream
+work) untouched and only adds shards (plus the last, partial one, which
+changes). A shard's ``ordinal`` is its position in the list: deduplication
+keeps the earliest copy, so existing rows win over newly appended ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+import data_schemas.sources as sources_schema
+from dalle_lightning.datasets.fingerprint import fingerprint, table_fingerprint
+from dalle_lightning.datasets.layout import DatasetLayout
+from dalle_lightning.datasets.manifest import ShardManifest, is_done, write_manifest
+from dalle_lightning.datasets.parquet_io import conform, list_parts, write_parquet_atomic
+
+STAGE = "sources"
+STAGE_VERSION = 1
+URL_LIST_FORMATS = (".parquet", ".csv", ".tsv", ".jsonl", ".json")
+
+
+@dataclass(frozen=True)
+class SourceShard:
+    """One planned shard of the URL list."""
+
+    shard_id: str
+    ordinal: int
+    table: pa.Table
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(STAGE, STAGE_VERSION, table_fingerprint(self.table))
+
+
+def _read_one(path: str) -> pa.Table:
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    suffix = "." + fs_path.rsplit(".", 1)[-1].lower() if "." in fs_path else ""
+    with fs.open(fs_path, "rb") as f:
+        if suffix == ".parquet":
+            return pq.read_table(f)
+        if suffix in (".csv", ".tsv"):
+            delimiter = "\t" if suffix == ".tsv" else ","
+            return pacsv.read_csv(f, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+        if suffix in (".jsonl", ".json"):
+            return pajson.read_json(f)
+    raise ValueError(f"unsupported URL list format {suffix!r} for {path!r}; expected one of {URL_LIST_FORMATS}")
+
+
+def read_url_list(
+    paths: str | list[str], *, url_col: str = "url", caption_col: str = "caption"
+) -> pa.Table:
+    """Read one or more URL list files (Parquet, CSV, TSV, JSON lines) into a ``sources`` table.
+
+    ``url_col``/``caption_col`` name the input columns (e.g. ``TEXT`` in LAION
+    metadata); they are renamed to ``url``/``caption``. Other columns are kept.
+    A folder is read as all its URL-list files in name order.
+    """
+    files: list[str] = []
+    for path in [paths] if isinstance(paths, str) else paths:
+        fs, fs_path = fsspec.core.url_to_fs(path)
+        if fs.isdir(fs_path):
+            found = sorted(p for p in fs.ls(fs_path, detail=False) if p.lower().endswith(URL_LIST_FORMATS))
+            prefix = path[: len(path) - len(path.lstrip("/"))] if "://" not in path else path.split("://")[0] + "://"
+            files.extend(p if "://" not in path else prefix + p for p in found)
+        elif fs.exists(fs_path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"URL list not found: {path!r}")
+    if not files:
+        raise ValueError(f"no URL list files ({', '.join(URL_LIST_FORMATS)}) in {paths!r}")
+    tables = [_read_one(f) for f in files]
+    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    for wanted, target in ((url_col, "url"), (caption_col, "caption")):
+        if wanted not in table.column_names:
+            if target == "caption":
+                table = table.append_column("caption", pa.nulls(table.num_rows, pa.string()))
+                continue
+            raise ValueError(f"URL list has no column {wanted!r} (columns: {table.column_names})")
+        if wanted != target:
+            if target in table.column_names:
+                table = table.drop_columns([target])
+            table = table.rename_columns([target if c == wanted else c for c in table.column_names])
+    for name in ("url", "caption"):
+        column = table.column(name)
+        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+            if pa.types.is_null(column.type):
+                column = column.cast(pa.string())
+            else:
+                raise ValueError(f"URL list column {name!r} must hold strings, got {column.type}")
+        table = table.set_column(table.column_names.index(name), name, column.cast(pa.string()))
+    nulls = table.column("url").null_count
+    if nulls:
+        raise ValueError(f"URL list has {nulls} row(s) with a null 'url'")
+    table = table.filter(pc.invert(pc.equal(pc.utf8_trim_whitespace(table.column("url")), "")))
+    return conform(table, sources_schema)
+
+
+def plan_shards(table: pa.Table, shard_size: int) -> list[SourceShard]:
+    """Split ``table`` into consecutive shards of ``shard_size`` rows with content-derived ids."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    shards = []
+    seen: set[str] = set()
+    for ordinal, start in enumerate(range(0, table.num_rows, shard_size)):
+        part = table.slice(start, shard_size)
+        shard_id = table_fingerprint(part, ["url", "caption"], length=12)
+        if shard_id in seen:  # an identical run of rows repeated verbatim: keep ids unique
+            shard_id = fingerprint(shard_id, ordinal, length=12)
+        seen.add(shard_id)
+        shards.append(SourceShard(shard_id=shard_id, ordinal=ordinal, table=part))
+    return shards
+
+
+def write_source_shard(layout: DatasetLayout, name: str, shard: SourceShard) -> tuple[ShardManifest, bool]:
+    """Write one source shard (skipped if its manifest already matches); returns (manifest, did_work)."""
+    manifest_path = layout.manifest(STAGE, name, shard.shard_id)
+    done = is_done(manifest_path, shard.fingerprint)
+    if done is not None:
+        return done, False
+    written = write_parquet_atomic(shard.table, layout.shard(STAGE, name, shard.shard_id), sources_schema)
+    manifest = ShardManifest(
+        stage=STAGE,
+        dataset=name,
+        shard_id=shard.shard_id,
+        fingerprint=shard.fingerprint,
+        input_fingerprint=shard.fingerprint,
+        stats={"rows": shard.table.num_rows, "ordinal": shard.ordinal},
+    )
+    manifest.add_file("output", written)
+    write_manifest(manifest_path, manifest)
+    return manifest, True
+
+
+def prune_stale(layout: DatasetLayout, stage: str, name: str, keep: set[str], *sub: str) -> list[str]:
+    """Remove shard files (and their manifests) of ``stage`` not in ``keep``; returns removed shard ids.
+
+    Called after planning so that a shard replaced by a changed one (the last,
+    partial shard of an appended list) does not linger beside it.
+    """
+    removed = []
+    fs = layout.fs
+    for path in list_parts(layout.dataset(stage, name, *sub)):
+        from dalle_lightning.datasets.layout import shard_id_of
+
+        shard_id = shard_id_of(path)
+        if shard_id in keep:
+            continue
+        fs.rm(fsspec.core.url_to_fs(path)[1])
+        if not sub:
+            manifest = fsspec.core.url_to_fs(layout.manifest(stage, name, shard_id))[1]
+            if fs.exists(manifest):
+                fs.rm(manifest)
+        removed.append(shard_id)
+    return removed
