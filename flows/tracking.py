@@ -83,6 +83,10 @@ def log_dataset(path: str, *, name: str, digest: str, context: str, rows: int | 
 
 
 def _uri_source(uri: str) -> Any:
+    import warnings
+
     from mlflow.data.dataset_source_registry import resolve_dataset_source
 
-    return resolve_dataset_source(uri)
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": any artifact source will do
+        warnings.simplefilter("ignore")
+        return resolve_dataset_source(uri)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
@@ -72,3 +73,37 @@ def is_done(path: str, fingerprint: str) -> ShardManifest | None:
         except FileNotFoundError:
             return None
     return manifest
+
+
+def run_once(
+    manifest_path: str,
+    fingerprint: str,
+    work: Callable[[], tuple[dict[str, WrittenFile], dict[str, Any]]],
+    *,
+    stage: str,
+    dataset: str,
+    shard_id: str,
+    input_fingerprint: str,
+) -> tuple[ShardManifest, bool]:
+    """Do ``work`` for a shard unless its manifest shows it done with ``fingerprint``.
+
+    ``work`` writes the shard's files (atomically) and returns ({role: WrittenFile}, stats).
+    The manifest is written last, so a crash before it leaves the shard "not done".
+    Returns (manifest, did_work).
+    """
+    done = is_done(manifest_path, fingerprint)
+    if done is not None:
+        return done, False
+    files, stats = work()
+    manifest = ShardManifest(
+        stage=stage,
+        dataset=dataset,
+        shard_id=shard_id,
+        fingerprint=fingerprint,
+        input_fingerprint=input_fingerprint,
+        stats=stats,
+    )
+    for role, written in files.items():
+        manifest.add_file(role, written)
+    write_manifest(manifest_path, manifest)
+    return manifest, True

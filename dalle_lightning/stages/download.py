@@ -1,0 +1,262 @@
+"""The ``download`` stage: one ``sources`` shard in, one ``downloaded`` shard out, by img2dataset.
+
+:func:`download_shard` runs img2dataset's own ``Downloader`` (urllib fetches
+on its thread pool, ``X-Robots-Tag`` opt-outs, retries, sha256 of the bytes
+as downloaded) and ``Resizer`` (OpenCV decode, resize, re-encode) in this
+process — no process pool, since it runs as one task inside a (daemonic)
+Dask worker. img2dataset's scratch files (the Arrow shard it reads and
+deletes, its ``<shard>_stats.json``) live in a local temporary folder; its
+samples are collected in memory, put back in input order and written as one
+``downloaded`` Parquet file with an atomic rename.
+
+Every input row gives exactly one output row: ``status`` is img2dataset's
+(``success``, ``failed_to_download``, ``failed_to_resize``) and
+``error_message`` its message for failures, e.g. ``HTTP Error 404: Not
+Found``, ``timed out``, ``Use of image disallowed by X-Robots-Tag
+directive``, ``Image decoding error``. Size and aspect filters are the filter
+stage's job (with reasons), so the resizer here drops nothing by default.
+Source columns other than url and caption are not carried: the
+``downloaded`` schema is fixed; join on ``key``/``url`` to get them back.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import data_schemas.downloaded as downloaded_schema
+import data_schemas.sources as sources_schema
+from dalle_lightning.datasets.fingerprint import fingerprint
+from dalle_lightning.datasets.parquet_io import WrittenFile, write_parquet_atomic
+
+STAGE = "download"
+STAGE_VERSION = 1
+RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
+ENCODE_FORMATS = ("jpg", "png", "webp")
+HASH = "sha256"
+_ROW_COL = "_dalle_row"  # input row index, carried through img2dataset's per-sample meta
+_I2D_SHARD_ID = 0  # img2dataset's integer shard id in the scratch folder (our ids are hex strings)
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """Settings of the download stage; they are part of its shard fingerprint."""
+
+    image_size: int = 64
+    """Target size in pixels, as img2dataset's ``image_size`` (its meaning depends on ``resize_mode``)."""
+    resize_mode: str = "keep_ratio"
+    """img2dataset's resize mode: ``keep_ratio`` (smaller side = image_size), ``center_crop`` (then crop
+    to a square), ``border`` (larger side = image_size, padded white to a square), ``keep_ratio_largest``
+    (larger side = image_size) or ``no``."""
+    resize_only_if_bigger: bool = False
+    """Only downscale: images already smaller than ``image_size`` are kept at their size."""
+    encode_format: str = "jpg"
+    """Format of the stored image bytes: ``jpg``, ``png`` or ``webp``."""
+    encode_quality: int = 95
+    """Quality 0–100 for jpg/webp; for png the compression level 0–9."""
+    thread_count: int = 16
+    """Download threads per shard (img2dataset's thread pool)."""
+    timeout: float = 10.0
+    """Seconds a connection or read may wait before the URL fails with ``timed out``."""
+    retries: int = 0
+    """Extra attempts for a URL that failed to download."""
+    user_agent_token: str | None = "dalle-lightning"
+    """Token added to the User-Agent and matched against ``X-Robots-Tag: <token>: ...`` directives."""
+    disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
+    """``X-Robots-Tag`` directives that make a URL fail (the publisher's opt-out); empty to honour none."""
+    min_image_size: int = 0
+    """Smallest side below which the resizer drops an image; keep 0 and let the filter stage decide."""
+    max_image_area: float = float("inf")
+    """Pixels above which the resizer drops an image (``image area too large``). img2dataset checks it
+    after decoding, so it bounds resize work, not decode memory (OpenCV itself refuses > 2**30 pixels)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "disallowed_header_directives", tuple(self.disallowed_header_directives))
+        _check(self.image_size >= 1, "image_size", self.image_size, "an integer >= 1")
+        _check(self.resize_mode in RESIZE_MODES, "resize_mode", self.resize_mode, f"one of {RESIZE_MODES}")
+        _check(self.encode_format in ENCODE_FORMATS, "encode_format", self.encode_format, f"one of {ENCODE_FORMATS}")
+        top = 9 if self.encode_format == "png" else 100
+        _check(0 <= self.encode_quality <= top, "encode_quality", self.encode_quality, f"0..{top} for {self.encode_format}")
+        _check(self.thread_count >= 1, "thread_count", self.thread_count, "an integer >= 1")
+        _check(self.timeout > 0, "timeout", self.timeout, "seconds > 0")
+        _check(self.retries >= 0, "retries", self.retries, "an integer >= 0")
+        token = self.user_agent_token
+        _check(token is None or token.strip() != "", "user_agent_token", token, "a non-empty string or None")
+        directives = self.disallowed_header_directives
+        ok = all(isinstance(d, str) and d.strip() for d in directives)
+        _check(ok, "disallowed_header_directives", directives, "non-empty strings")
+        _check(self.min_image_size >= 0, "min_image_size", self.min_image_size, "an integer >= 0")
+        _check(self.max_image_area > 0, "max_image_area", self.max_image_area, "a number of pixels > 0")
+
+
+def _check(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"DownloadConfig.{name} must be {expected}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """What :func:`download_shard` wrote and how it went."""
+
+    written: WrittenFile
+    """The ``downloaded`` Parquet file (path, rows, bytes, sha256)."""
+    stats: dict[str, Any]
+    """img2dataset's shard stats (count, successes, failed_to_download, failed_to_resize, duration,
+    start_time, end_time, status_dict) plus ``status_counts`` and ``error_counts`` of the output rows."""
+
+
+def shard_fingerprint(input_fingerprint: str, config: DownloadConfig) -> str:
+    """Fingerprint of a download shard: hash(input shard fingerprint, config, stage version)."""
+    return fingerprint(STAGE, STAGE_VERSION, input_fingerprint, config)
+
+
+class _CollectingWriter:
+    """An img2dataset sample writer that appends ``(image bytes, meta)`` to ``sink`` instead of a file.
+
+    img2dataset builds it as ``writer_class(shard_id, output_folder, save_caption, oom_shard_count,
+    schema, encode_format)``; bind ``sink`` first with :func:`functools.partial`.
+    """
+
+    def __init__(self, sink: list[tuple[bytes | None, dict[str, Any]]], *_img2dataset_args: Any) -> None:
+        self.sink = sink
+
+    def write(self, img_str: bytes | None, key: str, caption: str | None, meta: dict[str, Any]) -> None:
+        self.sink.append((img_str, dict(meta)))
+
+    def close(self) -> None:
+        pass
+
+
+def _read_source(path: str) -> pa.Table:
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    with fs.open(fs_path, "rb") as f:
+        table = pq.read_table(f)
+    sources_schema.validate(table)
+    return table
+
+
+def _write_scratch_shard(source: pa.Table, folder: str) -> str:
+    """The Arrow IPC file img2dataset's Downloader reads (and deletes): url, caption, row index."""
+    table = pa.table(
+        {
+            "url": source.column("url").cast(pa.string()),
+            "caption": source.column("caption").cast(pa.string()),
+            _ROW_COL: pa.array(range(source.num_rows), pa.int64()),
+        }
+    )
+    path = os.path.join(folder, "shard.feather")
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return path
+
+
+def _make_downloader(config: DownloadConfig, scratch: str, sink: list, rows: int) -> Any:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would query PyPI on import
+    from img2dataset.downloader import Downloader
+    from img2dataset.resizer import Resizer
+
+    resizer = Resizer(
+        image_size=config.image_size,
+        resize_mode=config.resize_mode,
+        resize_only_if_bigger=config.resize_only_if_bigger,
+        encode_quality=config.encode_quality,
+        encode_format=config.encode_format,
+        min_image_size=config.min_image_size,
+        max_image_area=config.max_image_area,
+    )
+    return Downloader(
+        sample_writer_class=functools.partial(_CollectingWriter, sink),
+        resizer=resizer,
+        thread_count=min(config.thread_count, max(rows, 1)),
+        save_caption=True,
+        extract_exif=False,
+        output_folder=scratch,
+        column_list=["url", "caption", _ROW_COL],
+        timeout=config.timeout,
+        number_sample_per_shard=max(rows, 1),
+        oom_shard_count=1,
+        compute_hash=HASH,
+        verify_hash_type=None,
+        encode_format=config.encode_format,
+        retries=config.retries,
+        user_agent_token=config.user_agent_token,
+        disallowed_header_directives=list(config.disallowed_header_directives) or None,
+    )
+
+
+def _run_img2dataset(source: pa.Table, config: DownloadConfig) -> tuple[list, dict[str, Any]]:
+    """Run img2dataset's Downloader on ``source``; returns its samples and its shard stats."""
+    samples: list[tuple[bytes | None, dict[str, Any]]] = []
+    with tempfile.TemporaryDirectory(prefix="dalle-download-") as scratch:
+        shard_file = _write_scratch_shard(source, scratch)
+        downloader = _make_downloader(config, scratch, samples, source.num_rows)
+        # download_shard, not __call__: __call__ prints and swallows a failing shard's exception
+        downloader.download_shard((_I2D_SHARD_ID, shard_file))
+        with open(os.path.join(scratch, f"{_I2D_SHARD_ID}_stats.json")) as f:
+            stats = json.load(f)
+    return samples, stats
+
+
+def _to_downloaded(samples: list, rows: int, shard_id: str) -> pa.Table:
+    """img2dataset's samples as a ``downloaded`` table: one row per input row, in input order."""
+    by_row: dict[int, tuple[bytes | None, dict[str, Any]]] = {}
+    for image, meta in samples:
+        row = meta[_ROW_COL]
+        if row in by_row:
+            raise RuntimeError(f"img2dataset wrote input row {row} of shard {shard_id} twice")
+        by_row[row] = (image, meta)
+    missing = sorted(set(range(rows)) - by_row.keys())
+    if missing:
+        raise RuntimeError(
+            f"img2dataset wrote no row for {len(missing)} of {rows} input row(s) of shard {shard_id} "
+            f"(first: {missing[:5]}); its traceback was printed above"
+        )
+    ordered = [by_row[i] for i in range(rows)]
+    columns: dict[str, list] = {
+        "key": [f"{shard_id}-{i:06d}" for i in range(rows)],
+        "image": [image for image, _ in ordered],
+        "sha256": [meta[HASH] for _, meta in ordered],
+    }
+    for name in ("url", "caption", "width", "height", "original_width", "original_height", "status", "error_message"):
+        columns[name] = [meta[name] for _, meta in ordered]
+    schema = downloaded_schema.SCHEMA
+    return pa.table({f.name: pa.array(columns[f.name], f.type) for f in schema}, schema=schema)
+
+
+def _shard_stats(i2d_stats: dict[str, Any], table: pa.Table, shard_id: str) -> dict[str, Any]:
+    """img2dataset's stats checked against the output, plus counts by status and by error message."""
+    statuses = Counter(table.column("status").to_pylist())
+    errors = Counter(m for m in table.column("error_message").to_pylist() if m is not None)
+    failed = i2d_stats["failed_to_download"] + i2d_stats["failed_to_resize"]
+    if i2d_stats["count"] != table.num_rows or i2d_stats["successes"] + failed != table.num_rows:
+        raise RuntimeError(
+            f"shard {shard_id}: img2dataset counted {i2d_stats['count']} rows, {i2d_stats['successes']} "
+            f"downloaded + {failed} failed, but the shard has {table.num_rows} rows"
+        )
+    return {**i2d_stats, "status_counts": dict(statuses), "error_counts": dict(errors)}
+
+
+def download_shard(source_path: str, output_path: str, config: DownloadConfig, *, shard_id: str) -> DownloadResult:
+    """Download the URLs of the ``sources`` shard at ``source_path`` into a ``downloaded`` shard at ``output_path``.
+
+    Both paths may be any fsspec URL. Output rows follow input order, keyed
+    ``f"{shard_id}-{row:06d}"``, one per input row whatever happened to it.
+    The file is written atomically; a failing shard raises and writes nothing.
+    """
+    if not shard_id:
+        raise ValueError("shard_id must be a non-empty string")
+    source = _read_source(source_path)
+    samples, i2d_stats = _run_img2dataset(source, config)
+    table = _to_downloaded(samples, source.num_rows, shard_id)
+    stats = _shard_stats(i2d_stats, table, shard_id)
+    written = write_parquet_atomic(table, output_path, downloaded_schema)
+    return DownloadResult(written=written, stats=stats)
