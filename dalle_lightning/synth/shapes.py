@@ -273,8 +273,8 @@ def _separated(a: np.ndarray, b: np.ndarray, gap: float) -> bool:
         edges = np.roll(poly, -1, axis=0) - poly  # (K, 2)
         normals = np.stack([-edges[:, 1], edges[:, 0]], axis=1)
         normals /= np.linalg.norm(normals, axis=1, keepdims=True)
-        pa_, pb = a @ normals.T, b @ normals.T  # (Ka, K), (Kb, K) projections
-        if np.any((pb.min(0) - pa_.max(0) >= gap) | (pa_.min(0) - pb.max(0) >= gap)):
+        proj_a, proj_b = a @ normals.T, b @ normals.T  # (Ka, K), (Kb, K) projections
+        if np.any((proj_b.min(0) - proj_a.max(0) >= gap) | (proj_a.min(0) - proj_b.max(0) >= gap)):
             return True
     return False
 
