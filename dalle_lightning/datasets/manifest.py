@@ -8,6 +8,7 @@ finished work is skipped even if the Prefect database is wiped.
 from __future__ import annotations
 
 import json
+import posixpath
 import time
 from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
@@ -33,14 +34,42 @@ class ShardManifest:
     input_fingerprint: str
     """Fingerprint of what the stage read for this shard."""
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Role (``output``, ``rejects``) -> {path, rows, bytes, sha256} of each file written."""
+    """Role (``output``, ``rejects``) -> {path, rows, bytes, sha256} of each file written;
+    ``path`` is relative to the manifest's folder, so a dataset root can be moved or copied."""
     stats: dict[str, Any] = field(default_factory=dict)
     """Counts and engine statistics (e.g. img2dataset's per-shard stats)."""
     created: float = field(default_factory=time.time)
     """Unix time the shard was completed."""
 
-    def add_file(self, role: str, written: WrittenFile) -> None:
-        self.files[role] = {"path": written.path, "rows": written.rows, "bytes": written.bytes, "sha256": written.sha256}
+    def add_file(self, role: str, written: WrittenFile, manifest_path: str) -> None:
+        self.files[role] = {
+            "path": relative_path(written.path, manifest_path),
+            "rows": written.rows,
+            "bytes": written.bytes,
+            "sha256": written.sha256,
+        }
+
+    def file_path(self, role: str, manifest_path: str) -> str:
+        """Absolute path/URL of the file recorded under ``role``."""
+        return resolve_path(self.files[role]["path"], manifest_path)
+
+
+def _split(url: str) -> tuple[str, str]:
+    protocol, sep, rest = url.partition("://")
+    return (protocol + sep, rest) if sep else ("", url)
+
+
+def relative_path(path: str, manifest_path: str) -> str:
+    """``path`` relative to the folder of ``manifest_path`` (both local paths or URLs of one store)."""
+    _, target = _split(path)
+    _, manifest = _split(manifest_path)
+    return posixpath.relpath(target, posixpath.dirname(manifest))
+
+
+def resolve_path(relative: str, manifest_path: str) -> str:
+    """Inverse of :func:`relative_path`."""
+    prefix, manifest = _split(manifest_path)
+    return prefix + posixpath.normpath(posixpath.join(posixpath.dirname(manifest), relative))
 
 
 def write_manifest(path: str, manifest: ShardManifest) -> None:
@@ -65,8 +94,8 @@ def is_done(path: str, fingerprint: str) -> ShardManifest | None:
     manifest = read_manifest(path)
     if manifest is None or manifest.fingerprint != fingerprint:
         return None
-    for info in manifest.files.values():
-        fs, fs_path = fsspec.core.url_to_fs(info["path"])
+    for role, info in manifest.files.items():
+        fs, fs_path = fsspec.core.url_to_fs(manifest.file_path(role, path))
         try:
             if fs.size(fs_path) != info["bytes"]:
                 return None
@@ -104,6 +133,6 @@ def run_once(
         stats=stats,
     )
     for role, written in files.items():
-        manifest.add_file(role, written)
+        manifest.add_file(role, written, manifest_path)
     write_manifest(manifest_path, manifest)
     return manifest, True

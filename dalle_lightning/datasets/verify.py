@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import data_schemas
 from data_schemas.base import schema_identity
 from dalle_lightning.datasets.layout import DatasetLayout
+from dalle_lightning.datasets.manifest import resolve_path
 
 
 @dataclass
@@ -47,7 +48,7 @@ def _manifest_index(layout: DatasetLayout) -> dict[str, dict]:
         with fs.open(path, "r") as f:
             manifest = json.load(f)
         for role, info in manifest.get("files", {}).items():
-            index[fsspec.core.url_to_fs(info["path"])[1]] = {**info, "manifest": path, "role": role}
+            index[resolve_path(info["path"], path)] = {**info, "manifest": path, "role": role}
     return index
 
 

@@ -137,7 +137,7 @@ def write_source_shard(layout: DatasetLayout, name: str, shard: SourceShard) -> 
         input_fingerprint=shard.fingerprint,
         stats={"rows": shard.table.num_rows, "ordinal": shard.ordinal},
     )
-    manifest.add_file("output", written)
+    manifest.add_file("output", written, manifest_path)
     write_manifest(manifest_path, manifest)
     return manifest, True
 

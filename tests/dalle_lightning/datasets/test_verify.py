@@ -52,3 +52,13 @@ def test_detects_schema_violation(tmp_path):
     pq.write_table(bad, layout.shard("sources", "d", "bad0"))
     problems = "\n".join(verify_tree(str(tmp_path)).problems)
     assert "part-bad0.parquet: sources: missing column 'caption'" in problems
+
+
+def test_a_copied_root_still_verifies(tmp_path):
+    import shutil
+
+    _tree(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "a")
+    report = verify_tree(str(tmp_path / "b"))
+    assert report.ok and report.checked == 3, report.problems

@@ -54,7 +54,7 @@ def downloaded(tmp_path_factory: pytest.TempPathFactory):
     files = list(images)
     expected = {f: ("success", None) for f in files}
     for i, (fault, outcome) in enumerate(FAULTS.items()):
-        path = f"_fault/{fault}/{files[i]}"
+        path = f"_fault/{fault}/{list(images)[i]}"
         files.insert(3 * i + 1, path)
         expected[path] = outcome
     files.append("images/missing.png")
