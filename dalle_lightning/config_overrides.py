@@ -77,7 +77,9 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
         key, sep, raw = item.partition("=")
         section, dot, field = key.strip().partition(".")
         if not sep or not dot or not field:
-            raise ValueError(f"override {item!r} must look like section.field=value (e.g. download.timeout=5)")
+            raise ValueError(
+                f"override {item!r} must look like section.field=value (e.g. download.timeout=5)"
+            )
         out.setdefault(section, {})[field] = yaml.safe_load(raw) if raw.strip() else ""
     return out
 

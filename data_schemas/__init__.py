@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from data_schemas import downloaded, filtered, image_hashes, rejects, sources
+from data_schemas import downloaded, filtered, image_hashes, rejects, shapes, sources
 from data_schemas.base import SchemaError, schema_identity
 
-MODULES: dict[str, ModuleType] = {m.NAME: m for m in (sources, downloaded, filtered, rejects, image_hashes)}
+MODULES: dict[str, ModuleType] = {
+    m.NAME: m for m in (sources, downloaded, filtered, rejects, image_hashes, shapes)
+}
 
 
 def module_for(name: str) -> ModuleType:
@@ -18,4 +20,15 @@ def module_for(name: str) -> ModuleType:
         raise ValueError(f"unknown dataset schema {name!r}; known: {sorted(MODULES)}") from None
 
 
-__all__ = ["MODULES", "SchemaError", "downloaded", "filtered", "image_hashes", "module_for", "rejects", "schema_identity", "sources"]
+__all__ = [
+    "MODULES",
+    "SchemaError",
+    "downloaded",
+    "filtered",
+    "image_hashes",
+    "module_for",
+    "rejects",
+    "schema_identity",
+    "shapes",
+    "sources",
+]

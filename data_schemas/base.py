@@ -17,7 +17,9 @@ class SchemaError(ValueError):
     """A table does not match its dataset schema; the message names the column and the problem."""
 
 
-def with_metadata(schema: pa.Schema, name: str, version: int, extra: dict[str, str] | None = None) -> pa.Schema:
+def with_metadata(
+    schema: pa.Schema, name: str, version: int, extra: dict[str, str] | None = None
+) -> pa.Schema:
     """Return ``schema`` carrying the dataset name and schema version in its Parquet metadata."""
     metadata = dict(schema.metadata or {})
     metadata[SCHEMA_NAME_KEY] = name.encode()
@@ -73,4 +75,6 @@ def validate_table(
         if got_name != name:
             raise SchemaError(f"{name}: file metadata names dataset {got_name!r}, expected {name!r}")
         if got_version != version:
-            raise SchemaError(f"{name}: file has schema version {got_version}, this code reads version {version}")
+            raise SchemaError(
+                f"{name}: file has schema version {got_version}, this code reads version {version}"
+            )

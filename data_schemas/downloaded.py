@@ -49,7 +49,9 @@ def validate(table: pa.Table, *, check_metadata: bool = False) -> None:
     if unknown:
         from data_schemas.base import SchemaError
 
-        raise SchemaError(f"{NAME}: column 'status' has unknown value(s) {sorted(unknown)}; expected {STATUSES}")
+        raise SchemaError(
+            f"{NAME}: column 'status' has unknown value(s) {sorted(unknown)}; expected {STATUSES}"
+        )
     success = pa.compute.equal(table.column("status"), "success")
     missing = pa.compute.sum(pa.compute.and_(success, pa.compute.is_null(table.column("image")))).as_py() or 0
     if missing:

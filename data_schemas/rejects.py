@@ -16,7 +16,13 @@ from data_schemas.filtered import FIELDS
 NAME = "rejects"
 VERSION = 1
 SCHEMA = with_metadata(
-    pa.schema([*FIELDS, pa.field("reject_reason", pa.string(), nullable=False), pa.field("reject_detail", pa.string())]),
+    pa.schema(
+        [
+            *FIELDS,
+            pa.field("reject_reason", pa.string(), nullable=False),
+            pa.field("reject_detail", pa.string()),
+        ]
+    ),
     NAME,
     VERSION,
 )

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="dalle-lightning: DALL-E end to end on Prefect, Dask, img2dataset and MLflow.", no_args_is_help=True)
+app = typer.Typer(
+    help="dalle-lightning: DALL-E end to end on Prefect, Dask, img2dataset and MLflow.", no_args_is_help=True
+)
 synth_app = typer.Typer(help="Make synthetic data sets.", no_args_is_help=True)
 app.add_typer(synth_app, name="synth")
 
@@ -27,19 +29,23 @@ def synth_shapes(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Render the synthetic `shapes` set: 1-2 coloured shapes per image, captions, ground truth, held-out pairings."""
-    from dalle_lightning.synth.shapes import ShapesConfig, write_shapes_dataset
+    from dalle_lightning.synth.shapes_dataset import ShapesConfig, write_shapes_dataset
 
     table = write_shapes_dataset(str(out), ShapesConfig(n=n, size=size, seed=seed))
-    splits = table.column("split").value_counts().to_pylist()
-    typer.echo(f"wrote {table.num_rows} images to {out} ({', '.join(f'{s['values']}: {s['counts']}' for s in splits)})")
+    splits = ", ".join(f"{s['values']}: {s['counts']}" for s in table.column("split").value_counts().to_pylist())
+    typer.echo(f"wrote {table.num_rows} images to {out} ({splits})")
 
 
 @app.command("serve-images")
 def serve_images(
-    directory: Annotated[Path, typer.Argument(help="Folder to serve (e.g. the output of `dalle synth shapes`).")],
+    directory: Annotated[
+        Path, typer.Argument(help="Folder to serve (e.g. the output of `dalle synth shapes`).")
+    ],
     port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 8765,
-    host: Annotated[str, typer.Option(help="Address to bind; loopback unless you mean otherwise.")] = "127.0.0.1",
-    urls_out: Annotated[Optional[Path], typer.Option(help="Where to write the URL list Parquet.")] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to bind; loopback unless you mean otherwise.")
+    ] = "127.0.0.1",
+    urls_out: Annotated[Path | None, typer.Option(help="Where to write the URL list Parquet.")] = None,
 ) -> None:
     """Serve a folder of images over HTTP and write the URL list for it; runs until Ctrl-C."""
     import time
@@ -48,8 +54,8 @@ def serve_images(
 
     urls_out = urls_out or directory / "urls.parquet"
     with ImageServer(str(directory), host=host, port=port) as server:
-        table = url_list_for_folder(server, str(directory), str(urls_out))
-        typer.echo(f"serving {directory} at {server.base_url}; {table.num_rows} URLs written to {urls_out}")
+        written = url_list_for_folder(server, str(urls_out))
+        typer.echo(f"serving {directory} at {server.base_url}; {written.rows} URLs written to {urls_out}")
         typer.echo("press Ctrl-C to stop")
         try:
             while True:
@@ -60,17 +66,27 @@ def serve_images(
 
 @app.command()
 def ingest(
-    urls: Annotated[Optional[list[str]], typer.Option(help="URL list file(s)/folder: Parquet, CSV, TSV, JSONL.")] = None,
+    urls: Annotated[
+        list[str] | None, typer.Option(help="URL list file(s)/folder: Parquet, CSV, TSV, JSONL.")
+    ] = None,
     root: Annotated[str, typer.Option(help="Dataset root: a folder or any fsspec URL (s3://…).")] = "data",
     name: Annotated[str, typer.Option(help="Dataset name (folder under each stage).")] = "default",
-    shard_size: Annotated[int, typer.Option(help="Rows per shard (the unit of parallelism and caching).")] = 256,
-    config: Annotated[Optional[Path], typer.Option(help="YAML with `download:` and `filter:` sections.")] = None,
+    shard_size: Annotated[
+        int, typer.Option(help="Rows per shard (the unit of parallelism and caching).")
+    ] = 256,
+    config: Annotated[Path | None, typer.Option(help="YAML with `download:` and `filter:` sections.")] = None,
     set_: Annotated[
-        Optional[list[str]], typer.Option("--set", help="Override a setting: download.timeout=5, filter.phash_threshold=4")
+        list[str] | None,
+        typer.Option("--set", help="Override a setting: download.timeout=5, filter.phash_threshold=4"),
     ] = None,
-    dask_address: Annotated[Optional[str], typer.Option(help="Existing Dask scheduler (default: a LocalCluster).")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Worker processes of the local Dask cluster.")] = None,
-    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db).")] = None,
+    dask_address: Annotated[
+        str | None, typer.Option(help="Existing Dask scheduler (default: a LocalCluster).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes of the local Dask cluster.")] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)."),
+    ] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "dalle-lightning",
 ) -> None:
     """Download and filter a URL list (flow `ingest`): only new or changed shards are processed."""
@@ -109,7 +125,11 @@ def verify(
 
     report = verify_tree(root)
     if as_json:
-        typer.echo(json.dumps({"checked": report.checked, "rows": report.rows, "problems": report.problems}, indent=1))
+        typer.echo(
+            json.dumps(
+                {"checked": report.checked, "rows": report.rows, "problems": report.problems}, indent=1
+            )
+        )
     else:
         for problem in report.problems:
             typer.echo(f"PROBLEM {problem}", err=True)
@@ -122,7 +142,9 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo makes.")] = Path("demo-data"),
     n: Annotated[int, typer.Option(help="Synthetic images.")] = 2000,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
-    port: Annotated[int, typer.Option(help="Loopback port of the image server (fixed, so URLs and shard ids are stable).")] = 8765,
+    port: Annotated[
+        int, typer.Option(help="Loopback port of the image server (fixed, so URLs and shard ids are stable).")
+    ] = 8765,
     workers: Annotated[int, typer.Option(help="Dask worker processes.")] = 2,
 ) -> None:
     """synth shapes → serve over loopback → ingest, on embedded defaults (no server to start)."""

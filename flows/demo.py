@@ -33,7 +33,7 @@ def run_demo(out: Path, *, n: int = 2000, size: int = 64, port: int = 8765, work
     tracking_uri, prefect_home = _environment(out)
 
     from dalle_lightning.serving.image_server import ImageServer, url_list_for_folder
-    from dalle_lightning.synth.shapes import ShapesConfig, write_shapes_dataset
+    from dalle_lightning.synth.shapes_dataset import ShapesConfig, write_shapes_dataset
     from flows.ingest import run_ingest
     from flows.summary import print_ingest_summary
 
@@ -45,7 +45,7 @@ def run_demo(out: Path, *, n: int = 2000, size: int = 64, port: int = 8765, work
         write_shapes_dataset(str(shapes_dir), ShapesConfig(n=n, size=size, seed=0))
     with ImageServer(str(shapes_dir), port=port) as server:
         urls = out / "urls.parquet"
-        url_list_for_folder(server, str(shapes_dir), str(urls))
+        url_list_for_folder(server, str(urls))
         console.print(f"[2/3] serve: {shapes_dir} at {server.base_url}")
         console.print("[3/3] ingest: download (img2dataset on Dask) → filter + dedup")
         summary = run_ingest(
@@ -61,8 +61,12 @@ def run_demo(out: Path, *, n: int = 2000, size: int = 64, port: int = 8765, work
     elapsed = time.monotonic() - started
     console.print(f"demo finished in {elapsed:.1f}s; dataset under {out / 'data'}")
     console.print("look at the results:")
-    console.print(f"  Prefect UI:  PREFECT_HOME={prefect_home} prefect server start   → http://127.0.0.1:4200")
-    console.print(f"  MLflow UI:   mlflow ui --backend-store-uri {tracking_uri} --port 5000   → http://127.0.0.1:5000")
+    console.print(
+        f"  Prefect UI:  PREFECT_HOME={prefect_home} prefect server start   → http://127.0.0.1:4200"
+    )
+    console.print(
+        f"  MLflow UI:   mlflow ui --backend-store-uri {tracking_uri} --port 5000   → http://127.0.0.1:5000"
+    )
     console.print(f"  check data:  dalle verify {out / 'data'}")
     summary["elapsed_s"] = elapsed
     return summary

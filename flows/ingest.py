@@ -51,7 +51,10 @@ def download_task(
 
     def work() -> tuple[dict, dict]:
         result = download_stage.download_shard(
-            layout.shard("sources", name, shard_id), layout.shard("download", name, shard_id), config, shard_id=shard_id
+            layout.shard("sources", name, shard_id),
+            layout.shard("download", name, shard_id),
+            config,
+            shard_id=shard_id,
         )
         return {"output": result.written}, result.stats
 
@@ -69,13 +72,21 @@ def download_task(
 
 @task(name="filter-score-shard", task_run_name="filter-score-{shard_id}", **_shard_task)
 def score_task(
-    root: str, name: str, shard_id: str, ordinal: int, config: FilterConfig, fingerprint: str, input_fingerprint: str
+    root: str,
+    name: str,
+    shard_id: str,
+    ordinal: int,
+    config: FilterConfig,
+    fingerprint: str,
+    input_fingerprint: str,
 ) -> dict[str, Any]:
     layout = DatasetLayout(root)
     hashes_path = layout.shard("filter", name, shard_id, HASHES_DIR)
 
     def work() -> tuple[dict, dict]:
-        written, counts = filter_stage.score_shard(layout.shard("download", name, shard_id), hashes_path, config, ordinal)
+        written, counts = filter_stage.score_shard(
+            layout.shard("download", name, shard_id), hashes_path, config, ordinal
+        )
         return {"hashes": written}, {"rule_counts": counts}
 
     manifest, did_work = run_once(
@@ -120,7 +131,9 @@ def apply_task(
                 "reject_reason": [d[1] for d in duplicates],
                 "reject_detail": [d[2] for d in duplicates],
             },
-            schema=pa.schema([("key", pa.string()), ("reject_reason", pa.string()), ("reject_detail", pa.string())]),
+            schema=pa.schema(
+                [("key", pa.string()), ("reject_reason", pa.string()), ("reject_detail", pa.string())]
+            ),
         )
         kept, rejected, counts = filter_stage.apply_filter(
             layout.shard("download", name, shard_id),
@@ -161,8 +174,15 @@ def _collect(stage: str, futures: list[PrefectFuture]) -> tuple[list[dict], Coun
         kind = "cached" if state == "Cached" else ("executed" if result["did_work"] else "skipped (manifest)")
         work[kind] += 1
         results.append(result)
-        logger.info("%s: %d/%d shards done (%s: %s) %.1fs", stage, i, len(futures), result["shard_id"], kind,
-                    time.monotonic() - started)
+        logger.info(
+            "%s: %d/%d shards done (%s: %s) %.1fs",
+            stage,
+            i,
+            len(futures),
+            result["shard_id"],
+            kind,
+            time.monotonic() - started,
+        )
     return results, work
 
 
@@ -175,8 +195,12 @@ def _plan_sources(layout: DatasetLayout, name: str, urls: list[str] | None, shar
         for shard in shards:
             manifest, _ = sources_stage.write_source_shard(layout, name, shard)
             planned.append(
-                {"shard_id": shard.shard_id, "ordinal": shard.ordinal, "fingerprint": manifest.fingerprint,
-                 "rows": shard.table.num_rows}
+                {
+                    "shard_id": shard.shard_id,
+                    "ordinal": shard.ordinal,
+                    "fingerprint": manifest.fingerprint,
+                    "rows": shard.table.num_rows,
+                }
             )
         sources_stage.prune_stale(layout, "sources", name, {p["shard_id"] for p in planned})
         return planned
@@ -189,8 +213,12 @@ def _plan_sources(layout: DatasetLayout, name: str, urls: list[str] | None, shar
         if manifest is None:
             raise ValueError(f"source shard {path} has no manifest; re-run ingest with --urls")
         planned.append(
-            {"shard_id": manifest.shard_id, "ordinal": manifest.stats["ordinal"], "fingerprint": manifest.fingerprint,
-             "rows": manifest.stats["rows"]}
+            {
+                "shard_id": manifest.shard_id,
+                "ordinal": manifest.stats["ordinal"],
+                "fingerprint": manifest.fingerprint,
+                "rows": manifest.stats["rows"],
+            }
         )
     if not planned:
         raise ValueError(f"no source shards under {layout.dataset('sources', name)}; pass urls")
@@ -227,9 +255,16 @@ def ingest(
         for s in shards
     }
     futures = [
-        _submit(download_task, layout.manifest("download", name, s["shard_id"]), download_fp[s["shard_id"]],
-                root=root, name=name, shard_id=s["shard_id"], config=download,
-                input_fingerprint=s["fingerprint"])
+        _submit(
+            download_task,
+            layout.manifest("download", name, s["shard_id"]),
+            download_fp[s["shard_id"]],
+            root=root,
+            name=name,
+            shard_id=s["shard_id"],
+            config=download,
+            input_fingerprint=s["fingerprint"],
+        )
         for s in shards
     ]
     download_results, download_work = _collect("download", futures)
@@ -237,26 +272,44 @@ def ingest(
 
     # filter: per-shard rules + hashes, one global dedup, per-shard apply
     score_fp = {
-        sid: fingerprint("filter-score", filter_stage.STAGE_VERSION, fp, filter) for sid, fp in download_fp.items()
+        sid: fingerprint("filter-score", filter_stage.STAGE_VERSION, fp, filter)
+        for sid, fp in download_fp.items()
     }
     futures = [
-        _submit(score_task, layout.manifest("filter-score", name, s["shard_id"]), score_fp[s["shard_id"]],
-                root=root, name=name, shard_id=s["shard_id"], ordinal=s["ordinal"], config=filter,
-                input_fingerprint=download_fp[s["shard_id"]])
+        _submit(
+            score_task,
+            layout.manifest("filter-score", name, s["shard_id"]),
+            score_fp[s["shard_id"]],
+            root=root,
+            name=name,
+            shard_id=s["shard_id"],
+            ordinal=s["ordinal"],
+            config=filter,
+            input_fingerprint=download_fp[s["shard_id"]],
+        )
         for s in shards
     ]
-    score_results, score_work = _collect("filter-score", futures)
+    _score_results, score_work = _collect("filter-score", futures)
     hashes_paths = [layout.shard("filter", name, s["shard_id"], HASHES_DIR) for s in shards]
-    dedup_fp = fingerprint("dedup", filter_stage.STAGE_VERSION, [score_fp[s["shard_id"]] for s in shards], filter)
+    dedup_fp = fingerprint(
+        "dedup", filter_stage.STAGE_VERSION, [score_fp[s["shard_id"]] for s in shards], filter
+    )
     duplicates = dedup_task.submit(hashes_paths, filter, fingerprint=dedup_fp).result()
     filter_fp = {
         sid: fingerprint("filter", filter_stage.STAGE_VERSION, fp, sorted(duplicates.get(sid, [])))
         for sid, fp in score_fp.items()
     }
     futures = [
-        _submit(apply_task, layout.manifest("filter", name, s["shard_id"]), filter_fp[s["shard_id"]],
-                root=root, name=name, shard_id=s["shard_id"], duplicates=duplicates.get(s["shard_id"], []),
-                input_fingerprint=score_fp[s["shard_id"]])
+        _submit(
+            apply_task,
+            layout.manifest("filter", name, s["shard_id"]),
+            filter_fp[s["shard_id"]],
+            root=root,
+            name=name,
+            shard_id=s["shard_id"],
+            duplicates=duplicates.get(s["shard_id"], []),
+            input_fingerprint=score_fp[s["shard_id"]],
+        )
         for s in shards
     ]
     filter_results, filter_work = _collect("filter", futures)
@@ -264,7 +317,11 @@ def ingest(
         sources_stage.prune_stale(layout, "filter", name, set(filter_fp), *sub)
 
     summary = summarize(n_input, download_results, filter_results)
-    summary["work"] = {"download": dict(download_work), "filter-score": dict(score_work), "filter": dict(filter_work)}
+    summary["work"] = {
+        "download": dict(download_work),
+        "filter-score": dict(score_work),
+        "filter": dict(filter_work),
+    }
     summary["fingerprints"] = {
         "sources": fingerprint([s["fingerprint"] for s in shards]),
         "download": fingerprint(sorted(download_fp.values())),
@@ -288,9 +345,13 @@ def summarize(n_input: int, download_results: list[dict], filter_results: list[d
     downloaded = status.get("success", 0)
     failed = sum(status.values()) - downloaded
     if downloaded + failed != n_input:
-        raise RuntimeError(f"download lost rows: {downloaded} downloaded + {failed} failed != {n_input} input")
+        raise RuntimeError(
+            f"download lost rows: {downloaded} downloaded + {failed} failed != {n_input} input"
+        )
     if kept + sum(rejected.values()) != downloaded:
-        raise RuntimeError(f"filter lost rows: {kept} kept + {sum(rejected.values())} rejected != {downloaded}")
+        raise RuntimeError(
+            f"filter lost rows: {kept} kept + {sum(rejected.values())} rejected != {downloaded}"
+        )
     return {
         "input": n_input,
         "downloaded": downloaded,
@@ -318,38 +379,74 @@ def _report(
     rows += [{"count": f"rejected: {k}", "value": v} for k, v in summary["rejected_by_reason"].items()]
     for stage, work in summary["work"].items():
         rows += [{"count": f"{stage} shards {k}", "value": v} for k, v in work.items()]
-    create_table_artifact(key=f"ingest-counts-{_slug(name)}", table=rows, description=f"ingest {name}: counts")
+    create_table_artifact(
+        key=f"ingest-counts-{_slug(name)}", table=rows, description=f"ingest {name}: counts"
+    )
 
     import mlflow
 
     tracking.setup(tracking_uri, experiment)
     fps = summary["fingerprints"]
-    with mlflow.start_run(run_name=f"ingest-{name}", tags={"dalle.flow": "ingest", "dalle.dataset": name}) as parent:
+    with mlflow.start_run(
+        run_name=f"ingest-{name}", tags={"dalle.flow": "ingest", "dalle.dataset": name}
+    ) as parent:
         mlflow.log_params({"root": layout.root, "dataset": name})
-        mlflow.log_metrics({"input": summary["input"], "downloaded": summary["downloaded"], "kept": summary["kept"]})
-        with tracking.stage_run("download", tags={"dalle.fingerprint.input": fps["sources"],
-                                                  "dalle.fingerprint.output": fps["download"]}):
+        mlflow.log_metrics(
+            {"input": summary["input"], "downloaded": summary["downloaded"], "kept": summary["kept"]}
+        )
+        with tracking.stage_run(
+            "download",
+            tags={"dalle.fingerprint.input": fps["sources"], "dalle.fingerprint.output": fps["download"]},
+        ):
             mlflow.log_params(tracking.flatten_params("download", download))
-            mlflow.log_metrics({"input": summary["input"], "downloaded": summary["downloaded"],
-                                "failed": summary["failed"]})
+            mlflow.log_metrics(
+                {"input": summary["input"], "downloaded": summary["downloaded"], "failed": summary["failed"]}
+            )
             mlflow.log_metrics({f"failed.{_slug(k)}": v for k, v in summary["failed_by_status"].items()})
             mlflow.log_metrics({f"shards.{k}": v for k, v in summary["work"]["download"].items()})
             mlflow.log_dict(summary["failed_by_error"], "failed_by_error.json")
-            tracking.log_dataset(layout.dataset("sources", name), name=f"sources/{name}", digest=fps["sources"],
-                                 context="input", rows=summary["input"])
-            tracking.log_dataset(layout.dataset("download", name), name=f"download/{name}", digest=fps["download"],
-                                 context="output", rows=summary["input"])
-        with tracking.stage_run("filter", tags={"dalle.fingerprint.input": fps["download"],
-                                                "dalle.fingerprint.output": fps["filter"]}):
+            tracking.log_dataset(
+                layout.dataset("sources", name),
+                name=f"sources/{name}",
+                digest=fps["sources"],
+                context="input",
+                rows=summary["input"],
+            )
+            tracking.log_dataset(
+                layout.dataset("download", name),
+                name=f"download/{name}",
+                digest=fps["download"],
+                context="output",
+                rows=summary["input"],
+            )
+        with tracking.stage_run(
+            "filter",
+            tags={"dalle.fingerprint.input": fps["download"], "dalle.fingerprint.output": fps["filter"]},
+        ):
             mlflow.log_params(tracking.flatten_params("filter", filter))
-            mlflow.log_metrics({"downloaded": summary["downloaded"], "kept": summary["kept"],
-                                "rejected": summary["rejected"]})
+            mlflow.log_metrics(
+                {
+                    "downloaded": summary["downloaded"],
+                    "kept": summary["kept"],
+                    "rejected": summary["rejected"],
+                }
+            )
             mlflow.log_metrics({f"rejected.{_slug(k)}": v for k, v in summary["rejected_by_reason"].items()})
             mlflow.log_metrics({f"shards.{k}": v for k, v in summary["work"]["filter"].items()})
-            tracking.log_dataset(layout.dataset("download", name), name=f"download/{name}", digest=fps["download"],
-                                 context="input", rows=summary["downloaded"])
-            tracking.log_dataset(layout.dataset("filter", name), name=f"filter/{name}", digest=fps["filter"],
-                                 context="output", rows=summary["kept"])
+            tracking.log_dataset(
+                layout.dataset("download", name),
+                name=f"download/{name}",
+                digest=fps["download"],
+                context="input",
+                rows=summary["downloaded"],
+            )
+            tracking.log_dataset(
+                layout.dataset("filter", name),
+                name=f"filter/{name}",
+                digest=fps["filter"],
+                context="output",
+                rows=summary["kept"],
+            )
         mlflow.log_dict(summary, "summary.json")
     summary["mlflow_run_id"] = parent.info.run_id
 
@@ -373,4 +470,3 @@ def run_ingest(
             params[key] = {"download": DownloadConfig, "filter": FilterConfig}[key](**params[key])
     runner = dask_task_runner(dask_address, n_workers)
     return ingest.with_options(task_runner=runner)(root=root, **params)
-

@@ -7,6 +7,7 @@ dask-kubernetes; nothing else in the flows changes.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from prefect_dask import DaskTaskRunner
@@ -21,6 +22,7 @@ def dask_task_runner(address: str | None = None, n_workers: int | None = None) -
     (default ``$DALLE_DASK_WORKERS`` or 2); img2dataset's downloader runs its
     own threads inside each task, so no worker needs child processes.
     """
+    quiet_dask_logs()
     address = address or os.environ.get("DALLE_DASK_ADDRESS") or None
     if address:
         return DaskTaskRunner(address=address)
@@ -35,5 +37,20 @@ def dask_task_runner(address: str | None = None, n_workers: int | None = None) -
             "processes": True,
             "dashboard_address": None,
             "host": "127.0.0.1",
+            "silence_logs": logging.WARNING,
         },
     )
+
+
+def quiet_dask_logs() -> None:
+    """Keep the terminal for progress: Dask's INFO chatter about workers and comms goes to WARNING."""
+    import logging
+
+    for name in (
+        "distributed",
+        "distributed.scheduler",
+        "distributed.nanny",
+        "distributed.core",
+        "distributed.worker",
+    ):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -71,8 +71,8 @@ def stage_run(stage: str, *, nested: bool = True, tags: dict[str, str] | None = 
 def log_dataset(path: str, *, name: str, digest: str, context: str, rows: int | None = None) -> None:
     """Record a dataset folder the stage read (``context="input"``) or wrote (``"output"``)."""
     import mlflow
-    from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
 
     if "://" in path and not path.startswith("file://"):
         source: Any = HTTPDatasetSource(url=path) if path.startswith("http") else _uri_source(path)

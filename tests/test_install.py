@@ -26,7 +26,9 @@ def test_prefect_pydantic_img2dataset_and_torch_import_together():
 def test_console_script_is_installed():
     dalle = Path(sys.executable).parent / "dalle"
     assert dalle.exists() or shutil.which("dalle")
-    out = subprocess.run([str(dalle), "--help"], capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        [str(dalle), "--help"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     for command in ("ingest", "verify", "synth", "serve-images", "demo"):
         assert command in out
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import posixpath
 import time
-from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import fsspec

@@ -39,7 +39,7 @@ def conform(table: pa.Table, schema_module: ModuleType) -> pa.Table:
     schema: pa.Schema = schema_module.SCHEMA
     extra = [c for c in table.column_names if c not in schema.names]
     columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else None for f in schema]
-    missing = [f.name for f, c in zip(schema, columns) if c is None]
+    missing = [f.name for f, c in zip(schema, columns, strict=False) if c is None]
     if missing:
         from data_schemas import SchemaError
 
@@ -71,7 +71,9 @@ def write_parquet_atomic(table: pa.Table, path: str, schema_module: ModuleType) 
     else:
         with fs.open(fs_path, "wb") as f:
             f.write(data)
-    return WrittenFile(path=path, rows=table.num_rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    return WrittenFile(
+        path=path, rows=table.num_rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
+    )
 
 
 def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:

@@ -17,9 +17,9 @@ import fsspec
 import pyarrow.parquet as pq
 
 import data_schemas
-from data_schemas.base import schema_identity
 from dalle_lightning.datasets.layout import DatasetLayout
 from dalle_lightning.datasets.manifest import resolve_path
+from data_schemas.base import schema_identity
 
 
 @dataclass
@@ -90,7 +90,9 @@ def verify_tree(root: str) -> VerifyReport:
             report.problems.append(f"{path}: not recorded in any manifest")
             continue
         if len(data) != info["bytes"]:
-            report.problems.append(f"{path}: size {len(data)} bytes, manifest says {info['bytes']} (truncated?)")
+            report.problems.append(
+                f"{path}: size {len(data)} bytes, manifest says {info['bytes']} (truncated?)"
+            )
         elif hashlib.sha256(data).hexdigest() != info["sha256"]:
             report.problems.append(f"{path}: sha256 differs from its manifest (changed)")
         if table.num_rows != info["rows"]:

@@ -33,6 +33,7 @@ Faults, for tests and demos, are asked for by a path prefix
 
 from __future__ import annotations
 
+import contextlib
 import mimetypes
 import os
 import sys
@@ -61,7 +62,7 @@ def image_url(base_url: str, path: str, fault: str | None = None) -> str:
     """URL of ``path`` (relative to the served folder) on ``base_url``, optionally with a fault."""
     if fault is not None and fault not in FAULTS:
         raise ValueError(f"unknown fault {fault!r}; expected one of {FAULTS}")
-    quoted = quote(path.lstrip("/"), safe="/")
+    quoted = quote(path.lstrip("/"), safe="/?=&")  # a query string passes through (the server ignores it)
     prefix = f"{FAULT_PREFIX}/{fault}/" if fault else ""
     return f"{base_url.rstrip('/')}/{prefix}{quoted}"
 
@@ -71,7 +72,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     server: _Server
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: Any) -> None:
         """No request logging."""
 
     def do_GET(self) -> None:
@@ -107,10 +108,8 @@ class _Handler(BaseHTTPRequestHandler):
             if self.server.stopping.wait(self.server.stall_seconds):
                 return  # server stopping: drop the connection without a body
         if send_body:
-            try:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up
                 self.wfile.write(body)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client gave up (a timeout on a stalled response)
 
     def _split_fault(self, path: str) -> tuple[str | None, str]:
         parts = path.split("/", 2)
@@ -161,7 +160,12 @@ class ImageServer:
     """
 
     def __init__(
-        self, directory: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 0, *, stall_seconds: float = 30.0
+        self,
+        directory: str | os.PathLike[str],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        stall_seconds: float = 30.0,
     ) -> None:
         self.directory = Path(directory).resolve()
         if not self.directory.is_dir():
@@ -281,7 +285,9 @@ def url_list_for_folder(
         extra = {c: table.column(c) for c in table.column_names if c not in ("file", "caption", "url")}
         files = table.column("file").to_pylist()
         return write_url_list(server_or_base_url, files, table.column("caption").to_pylist(), out_path, extra)
-    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+    )
     if not files:
         raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {str(folder)!r}")
     return write_url_list(server_or_base_url, files, [None] * len(files), out_path)

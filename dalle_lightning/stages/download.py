@@ -83,9 +83,19 @@ class DownloadConfig:
         object.__setattr__(self, "disallowed_header_directives", tuple(self.disallowed_header_directives))
         _check(self.image_size >= 1, "image_size", self.image_size, "an integer >= 1")
         _check(self.resize_mode in RESIZE_MODES, "resize_mode", self.resize_mode, f"one of {RESIZE_MODES}")
-        _check(self.encode_format in ENCODE_FORMATS, "encode_format", self.encode_format, f"one of {ENCODE_FORMATS}")
+        _check(
+            self.encode_format in ENCODE_FORMATS,
+            "encode_format",
+            self.encode_format,
+            f"one of {ENCODE_FORMATS}",
+        )
         top = 9 if self.encode_format == "png" else 100
-        _check(0 <= self.encode_quality <= top, "encode_quality", self.encode_quality, f"0..{top} for {self.encode_format}")
+        _check(
+            0 <= self.encode_quality <= top,
+            "encode_quality",
+            self.encode_quality,
+            f"0..{top} for {self.encode_format}",
+        )
         _check(self.thread_count >= 1, "thread_count", self.thread_count, "an integer >= 1")
         _check(self.timeout > 0, "timeout", self.timeout, "seconds > 0")
         _check(self.retries >= 0, "retries", self.retries, "an integer >= 0")
@@ -226,7 +236,16 @@ def _to_downloaded(samples: list, rows: int, shard_id: str) -> pa.Table:
         "image": [image for image, _ in ordered],
         "sha256": [meta[HASH] for _, meta in ordered],
     }
-    for name in ("url", "caption", "width", "height", "original_width", "original_height", "status", "error_message"):
+    for name in (
+        "url",
+        "caption",
+        "width",
+        "height",
+        "original_width",
+        "original_height",
+        "status",
+        "error_message",
+    ):
         columns[name] = [meta[name] for _, meta in ordered]
     schema = downloaded_schema.SCHEMA
     return pa.table({f.name: pa.array(columns[f.name], f.type) for f in schema}, schema=schema)
@@ -245,7 +264,9 @@ def _shard_stats(i2d_stats: dict[str, Any], table: pa.Table, shard_id: str) -> d
     return {**i2d_stats, "status_counts": dict(statuses), "error_counts": dict(errors)}
 
 
-def download_shard(source_path: str, output_path: str, config: DownloadConfig, *, shard_id: str) -> DownloadResult:
+def download_shard(
+    source_path: str, output_path: str, config: DownloadConfig, *, shard_id: str
+) -> DownloadResult:
     """Download the URLs of the ``sources`` shard at ``source_path`` into a ``downloaded`` shard at ``output_path``.
 
     Both paths may be any fsspec URL. Output rows follow input order, keyed

@@ -54,7 +54,9 @@ def phash_bytes(data: bytes) -> int:
 
 def _check_hash(name: str, value: int) -> None:
     if not isinstance(value, (int, np.integer)) or not 0 <= int(value) < 2**HASH_BITS:
-        raise ValueError(f"{name} must be a {HASH_BITS}-bit hash, an int in [0, 2**{HASH_BITS}); got {value!r}")
+        raise ValueError(
+            f"{name} must be a {HASH_BITS}-bit hash, an int in [0, 2**{HASH_BITS}); got {value!r}"
+        )
 
 
 def hamming(a: int, b: int) -> int:

@@ -54,12 +54,12 @@ def _read_one(path: str) -> pa.Table:
             return pacsv.read_csv(f, parse_options=pacsv.ParseOptions(delimiter=delimiter))
         if suffix in (".jsonl", ".json"):
             return pajson.read_json(f)
-    raise ValueError(f"unsupported URL list format {suffix!r} for {path!r}; expected one of {URL_LIST_FORMATS}")
+    raise ValueError(
+        f"unsupported URL list format {suffix!r} for {path!r}; expected one of {URL_LIST_FORMATS}"
+    )
 
 
-def read_url_list(
-    paths: str | list[str], *, url_col: str = "url", caption_col: str = "caption"
-) -> pa.Table:
+def read_url_list(paths: str | list[str], *, url_col: str = "url", caption_col: str = "caption") -> pa.Table:
     """Read one or more URL list files (Parquet, CSV, TSV, JSON lines) into a ``sources`` table.
 
     ``url_col``/``caption_col`` name the input columns (e.g. ``TEXT`` in LAION
@@ -71,7 +71,11 @@ def read_url_list(
         fs, fs_path = fsspec.core.url_to_fs(path)
         if fs.isdir(fs_path):
             found = sorted(p for p in fs.ls(fs_path, detail=False) if p.lower().endswith(URL_LIST_FORMATS))
-            prefix = path[: len(path) - len(path.lstrip("/"))] if "://" not in path else path.split("://")[0] + "://"
+            prefix = (
+                path[: len(path) - len(path.lstrip("/"))]
+                if "://" not in path
+                else path.split("://")[0] + "://"
+            )
             files.extend(p if "://" not in path else prefix + p for p in found)
         elif fs.exists(fs_path):
             files.append(path)

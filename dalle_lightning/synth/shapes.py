@@ -24,18 +24,11 @@ Sizes are areas: ``small`` covers 2.0–2.8 % of the image, ``large`` 6–8 %.
 from __future__ import annotations
 
 import colorsys
-import json
 import math
-import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
-
-from data_schemas.base import with_metadata
 
 SHAPES = ("circle", "square", "triangle")
 COLOUR_HUES = {
@@ -73,12 +66,12 @@ _SIDE_OFFSET = (0.17, 0.30)  # centroid offset of a lone object along its side's
 _PAIR_OFFSET = (0.28, 0.60)  # centroid offset between two objects along the relation's axis
 _OFF_AXIS = 0.4  # max off-axis offset, as a share of the on-axis one
 _MARGIN = 0.03  # shapes stay this far inside the image
-_GAP = 0.06  # and this far apart from each other
+_GAP = 0.1  # and this far apart from each other (3 px at 32 px)
 _HUE_JITTER = 4.0
 _SATURATION = (0.75, 1.0)
-_VALUE = (0.80, 1.0)
-_BACKGROUND_VALUE = (0.82, 0.96)
-_BACKGROUND_SATURATION = (0.0, 0.04)
+_VALUE = (0.75, 0.92)  # darker than any background, so every colour differs in luma too
+_BACKGROUND_VALUE = (0.90, 1.0)
+_BACKGROUND_SATURATION = (0.0, 0.05)
 _MAX_TRIES = 10_000
 
 
@@ -127,7 +120,8 @@ def heldout_pairs(fraction: float) -> frozenset[tuple[str, str]]:
 
 
 DEFAULT_HELDOUT_FRACTION = 0.2
-HELDOUT_PAIRS = heldout_pairs(DEFAULT_HELDOUT_FRACTION)  # red circle, yellow square, cyan triangle, purple circle
+# red circle, yellow square, cyan triangle, purple circle: 4 of 21 pairings (19 %)
+HELDOUT_PAIRS = heldout_pairs(DEFAULT_HELDOUT_FRACTION)
 
 
 def position_word(dx: float, dy: float) -> str:
@@ -156,7 +150,12 @@ def sample_scene(
     p_two_objects: float = 0.5,
     heldout: frozenset[tuple[str, str]] = HELDOUT_PAIRS,
 ) -> Scene:
-    """Draw a random scene of one or two objects whose pairings respect ``split``."""
+    """Draw a random scene: two objects with probability ``p_two_objects``, else one.
+
+    In the ``train`` split no object has a (colour, shape) pairing in
+    ``heldout``; in the ``heldout`` split at least one object has. Two objects
+    never share shape, colour and size all at once.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if split == "heldout" and not heldout:
@@ -169,10 +168,12 @@ def sample_scene(
     else:
         relation = RELATIONS[rng.integers(len(RELATIONS))]
         words = [relation, INVERSE_RELATION[relation]]
-    colours = [_shade(rng, colour) for _, colour, _ in kinds]
-    placements = _place(rng, [shape for shape, _, _ in kinds], [size for *_, size in kinds], words[0], colours)
-    objects = tuple(ShapeObject(shape, colour, size, word) for (shape, colour, size), word in zip(kinds, words))
-    return Scene(objects, relation, placements, _background(rng))
+    objects = tuple(
+        ShapeObject(shape, colour, size, word)
+        for (shape, colour, size), word in zip(kinds, words, strict=True)
+    )
+    colours = [_shade(rng, obj.colour) for obj in objects]
+    return Scene(objects, relation, _place(rng, objects, colours), _background(rng))
 
 
 def _sample_kinds(
@@ -200,29 +201,27 @@ def _shade(rng: np.random.Generator, colour: str) -> tuple[int, int, int]:
 
 def _background(rng: np.random.Generator) -> tuple[int, int, int]:
     """A light, nearly grey background shade."""
-    rgb = colorsys.hsv_to_rgb(rng.random(), rng.uniform(*_BACKGROUND_SATURATION), rng.uniform(*_BACKGROUND_VALUE))
+    rgb = colorsys.hsv_to_rgb(
+        rng.random(), rng.uniform(*_BACKGROUND_SATURATION), rng.uniform(*_BACKGROUND_VALUE)
+    )
     return tuple(round(255 * c) for c in rgb)
 
 
 def _place(
-    rng: np.random.Generator,
-    shapes: list[str],
-    sizes: list[str],
-    word: str,
-    colours: list[tuple[int, int, int]],
+    rng: np.random.Generator, objects: tuple[ShapeObject, ...], colours: list[tuple[int, int, int]]
 ) -> tuple[Placement, ...]:
-    """Reject-sample sizes, rotations and centres until the shapes fit, apart, where ``word`` says."""
+    """Reject-sample areas, rotations and centres until the shapes fit, apart, where the words say."""
     for _ in range(_MAX_TRIES):
-        centres = _centres(rng, word, len(shapes))
+        centres = _centres(rng, objects[0].position, len(objects))
         placements = tuple(
-            Placement(x, y, rng.uniform(*SIZE_AREAS[size]), _angle(rng, shape), rgb)
-            for shape, size, (x, y), rgb in zip(shapes, sizes, centres, colours)
+            Placement(float(x), float(y), rng.uniform(*SIZE_AREAS[obj.size]), _angle(rng, obj.shape), rgb)
+            for obj, (x, y), rgb in zip(objects, centres, colours, strict=True)
         )
-        outlines = [_outline(shape, p) for shape, p in zip(shapes, placements)]
+        outlines = [_outline(obj.shape, p) for obj, p in zip(objects, placements, strict=True)]
         inside = all(o.min() >= _MARGIN and o.max() <= 1.0 - _MARGIN for o in outlines)
         if inside and (len(outlines) == 1 or _separated(outlines[0], outlines[1], _GAP)):
             return placements
-    raise RuntimeError(f"could not place {shapes} ({sizes}) at {word!r} in {_MAX_TRIES} tries")
+    raise RuntimeError(f"could not place {objects} in {_MAX_TRIES} tries")
 
 
 def _angle(rng: np.random.Generator, shape: str) -> float:
@@ -249,8 +248,13 @@ def _centres(rng: np.random.Generator, word: str, count: int) -> list[tuple[floa
 # --- geometry and rendering -----------------------------------------------------------------------
 
 
+_TURNS = {k: 2 * math.pi * np.arange(k) / k for k in (3, 4, 24)}  # vertex angles of a regular k-gon
+_NEXT = {k: (np.arange(k) + 1) % k for k in (3, 4, 24)}  # index of the following vertex
+
+
 def _outline(shape: str, p: Placement) -> np.ndarray:
-    """Convex polygon (K, 2) containing the shape; exact for square and triangle."""
+    """Convex polygon (K, 2) containing the shape: exact for square and triangle, the circumscribed
+    24-gon for a circle."""
     if shape == "circle":
         sides = 24
         radius = math.sqrt(p.area / math.pi) / math.cos(math.pi / sides)
@@ -263,14 +267,17 @@ def _outline(shape: str, p: Placement) -> np.ndarray:
         sides = 3
         radius = math.sqrt(4 * p.area / math.sqrt(3)) / math.sqrt(3)  # circumradius of the equilateral
         start = math.pi / 2  # pointing up at angle 0
-    theta = start + p.angle + 2 * math.pi * np.arange(sides) / sides
-    return np.stack([p.x + radius * np.cos(theta), p.y - radius * np.sin(theta)], axis=1)  # (K, 2)
+    theta = start + p.angle + _TURNS[sides]
+    outline = np.empty((sides, 2))  # (K, 2)
+    outline[:, 0] = p.x + radius * np.cos(theta)
+    outline[:, 1] = p.y - radius * np.sin(theta)
+    return outline
 
 
 def _separated(a: np.ndarray, b: np.ndarray, gap: float) -> bool:
     """True if convex polygons ``a`` and ``b`` are at least ``gap`` apart along some edge normal."""
     for poly in (a, b):
-        edges = np.roll(poly, -1, axis=0) - poly  # (K, 2)
+        edges = poly[_NEXT[len(poly)]] - poly  # (K, 2)
         normals = np.stack([-edges[:, 1], edges[:, 0]], axis=1)
         normals /= np.linalg.norm(normals, axis=1, keepdims=True)
         proj_a, proj_b = a @ normals.T, b @ normals.T  # (Ka, K), (Kb, K) projections
@@ -284,7 +291,7 @@ def _inside(shape: str, p: Placement, xs: np.ndarray, ys: np.ndarray) -> np.ndar
     if shape == "circle":
         return (xs - p.x) ** 2 + (ys - p.y) ** 2 <= p.area / math.pi
     poly = _outline(shape, p)
-    edges = np.roll(poly, -1, axis=0) - poly  # (K, 2)
+    edges = poly[_NEXT[len(poly)]] - poly  # (K, 2)
     cross = edges[:, 0, None, None] * (ys - poly[:, 1, None, None]) - edges[:, 1, None, None] * (
         xs - poly[:, 0, None, None]
     )  # (K, H, W)
@@ -310,7 +317,7 @@ def render(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Image:
         raise ValueError(f"size must be >= 8 pixels, got {size}")
     canvas = np.empty((size, size, 3), dtype=np.float32)  # (H, W, 3)
     canvas[:] = scene.background
-    for obj, p in zip(scene.objects, scene.placements):
+    for obj, p in zip(scene.objects, scene.placements, strict=True):
         y0, x0, alpha = _coverage(obj.shape, p, size, supersample)
         patch = canvas[y0 : y0 + alpha.shape[0], x0 : x0 + alpha.shape[1]]
         patch += alpha[..., None] * (np.asarray(p.rgb, dtype=np.float32) - patch)
@@ -368,110 +375,3 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     template = _choice(rng, _PAIR_TEMPLATES)
     rel = _choice(rng, _RELATION_PHRASES[first.position])
     return template.format(obj1=_noun_phrase(rng, first), rel=rel, obj2=_noun_phrase(rng, second))
-
-
-# --- the data set on disk -------------------------------------------------------------------------
-
-NAME = "shapes"
-VERSION = 1
-SCHEMA = with_metadata(
-    pa.schema(
-        [
-            pa.field("id", pa.string(), nullable=False),
-            pa.field("file", pa.string(), nullable=False),  # images/<id>.png, relative to the data set folder
-            pa.field("caption", pa.string(), nullable=False),
-            pa.field("split", pa.string(), nullable=False),  # train | heldout
-            pa.field("objects", pa.string(), nullable=False),  # JSON list, see objects_to_json
-            pa.field("relation", pa.string()),  # first object relative to second; null for one object
-        ]
-    ),
-    NAME,
-    VERSION,
-)
-
-
-@dataclass(frozen=True)
-class ShapesConfig:
-    """How many ``shapes`` images to make, how large, and how they are split."""
-
-    n: int = 2000
-    """Number of images."""
-    size: int = 64
-    """Side of each square image in pixels."""
-    seed: int = 0
-    """Seed; image ``i`` depends only on (seed, i), so a larger ``n`` keeps the first images."""
-    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION
-    """Share of the 21 colour–shape pairings kept out of ``train`` (0 to 0.5), see :func:`heldout_pairs`."""
-    heldout_images: float = 0.1
-    """Probability that an image belongs to the ``heldout`` split (shows a held-out pairing)."""
-    p_two_objects: float = 0.5
-    """Probability that an image shows two objects rather than one."""
-
-    def __post_init__(self) -> None:
-        _check_int("n", self.n, 1)
-        _check_int("size", self.size, 16)
-        _check_int("seed", self.seed, 0)
-        _check_fraction("heldout_fraction", self.heldout_fraction, 0.5)
-        _check_fraction("heldout_images", self.heldout_images, 1.0)
-        _check_fraction("p_two_objects", self.p_two_objects, 1.0)
-        if self.heldout_images > 0 and not heldout_pairs(self.heldout_fraction):
-            raise ValueError(
-                f"heldout_fraction={self.heldout_fraction} holds out no pairing, "
-                f"but heldout_images={self.heldout_images} asks for held-out images"
-            )
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_fraction(name: str, value: object, maximum: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= maximum:
-        raise ValueError(f"{name} must be a number in [0, {maximum}], got {value!r}")
-
-
-def objects_to_json(scene: Scene) -> str:
-    """Ground truth as JSON: a list of objects, each with ``shape``, ``colour``, ``size``,
-    ``position`` (caption words, see the module docstring), centroid ``x``, ``y`` (fractions of the
-    side, y down), ``area`` (fraction of the image), ``angle`` (radians) and ``rgb``."""
-    records = [{**asdict(obj), **asdict(p)} for obj, p in zip(scene.objects, scene.placements)]
-    return json.dumps(records)
-
-
-def objects_from_json(text: str) -> list[ShapeObject]:
-    """The :class:`ShapeObject` records of an ``objects`` column value."""
-    return [ShapeObject(r["shape"], r["colour"], r["size"], r["position"]) for r in json.loads(text)]
-
-
-def make_example(config: ShapesConfig, index: int) -> tuple[Scene, str, str]:
-    """Scene, caption and split of image ``index``; depends only on (config, index)."""
-    rng = np.random.default_rng([config.seed, index])
-    split = "heldout" if rng.random() < config.heldout_images else "train"
-    heldout = heldout_pairs(config.heldout_fraction)
-    scene = sample_scene(rng, split, p_two_objects=config.p_two_objects, heldout=heldout)
-    return scene, caption(scene, rng), split
-
-
-def write_shapes_dataset(out_dir: str, config: ShapesConfig) -> pa.Table:
-    """Write ``out_dir/images/<id>.png`` and ``out_dir/shapes.parquet``; return the table.
-
-    The Parquet file is written to a temporary name and renamed into place, so
-    a reader never sees half of it. Re-running with the same config rewrites
-    the same bytes.
-    """
-    root = Path(out_dir)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    columns: dict[str, list] = {name: [] for name in SCHEMA.names}
-    for index in range(config.n):
-        scene, text, split = make_example(config, index)
-        key = f"{index:07d}"
-        file = f"images/{key}.png"
-        render(scene, config.size).save(root / file, format="PNG", compress_level=1)
-        for name, value in zip(SCHEMA.names, (key, file, text, split, objects_to_json(scene), scene.relation)):
-            columns[name].append(value)
-    table = pa.table(columns, schema=SCHEMA)
-    tmp = root / f".{NAME}.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, root / f"{NAME}.parquet")
-    return table

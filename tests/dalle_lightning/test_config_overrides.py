@@ -16,7 +16,9 @@ class _Cfg:
 
 def test_overrides_are_typed(tmp_path):
     (tmp_path / "c.yaml").write_text("download:\n  timeout: 3\n")
-    sections = load_sections(tmp_path / "c.yaml", ["download.ratio=1", "download.flag=false", "download.names=[x, y]"])
+    sections = load_sections(
+        tmp_path / "c.yaml", ["download.ratio=1", "download.flag=false", "download.names=[x, y]"]
+    )
     cfg = build(_Cfg, sections["download"], "download")
     assert cfg == _Cfg(timeout=3, ratio=1.0, flag=False, names=("x", "y"))
 

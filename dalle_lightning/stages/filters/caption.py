@@ -61,7 +61,9 @@ class CaptionFilter(RowFilter):
     ) -> None:
         super().__init__()
         if min_len < 1 or max_len < min_len:
-            raise ValueError(f"caption length bounds must satisfy 1 <= min_len <= max_len, got {min_len}, {max_len}")
+            raise ValueError(
+                f"caption length bounds must satisfy 1 <= min_len <= max_len, got {min_len}, {max_len}"
+            )
         self.min_len = min_len
         self.max_len = max_len
         self.patterns = compile_patterns(boilerplate_patterns)
@@ -72,15 +74,19 @@ class CaptionFilter(RowFilter):
             return reject(CAPTION_EMPTY, "caption is missing or blank")
         if len(caption) < self.min_len:
             return reject(
-                CAPTION_TOO_SHORT, f"caption has {len(caption)} characters after strip, minimum is {self.min_len}"
+                CAPTION_TOO_SHORT,
+                f"caption has {len(caption)} characters after strip, minimum is {self.min_len}",
             )
         if len(caption) > self.max_len:
             return reject(
-                CAPTION_TOO_LONG, f"caption has {len(caption)} characters after strip, maximum is {self.max_len}"
+                CAPTION_TOO_LONG,
+                f"caption has {len(caption)} characters after strip, maximum is {self.max_len}",
             )
         for pattern in self.patterns:
             if pattern.search(caption):
-                return reject(CAPTION_BOILERPLATE, f"caption {caption[:80]!r} matches boilerplate {pattern.pattern!r}")
+                return reject(
+                    CAPTION_BOILERPLATE, f"caption {caption[:80]!r} matches boilerplate {pattern.pattern!r}"
+                )
         return KEEP
 
 

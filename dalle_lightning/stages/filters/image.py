@@ -60,7 +60,9 @@ class ImageFilter(RowFilter):
     def __init__(self, min_aspect: float = 0.5, max_aspect: float = 2.0, min_side: int = 32) -> None:
         super().__init__()
         if not 0 < min_aspect <= max_aspect:
-            raise ValueError(f"aspect bounds must satisfy 0 < min_aspect <= max_aspect, got {min_aspect}, {max_aspect}")
+            raise ValueError(
+                f"aspect bounds must satisfy 0 < min_aspect <= max_aspect, got {min_aspect}, {max_aspect}"
+            )
         if min_side < 1:
             raise ValueError(f"min_side must be a positive number of pixels, got {min_side}")
         self.min_aspect = min_aspect

@@ -11,8 +11,12 @@ from dalle_lightning.datasets.parquet_io import list_parts, read_parquet, write_
 
 
 def _urls(n, start=0):
-    return pa.table({"url": [f"http://127.0.0.1/{i}.png" for i in range(start, start + n)],
-                     "caption": [f"caption {i}" for i in range(start, start + n)]})
+    return pa.table(
+        {
+            "url": [f"http://127.0.0.1/{i}.png" for i in range(start, start + n)],
+            "caption": [f"caption {i}" for i in range(start, start + n)],
+        }
+    )
 
 
 def test_fingerprint_is_stable_and_sensitive():

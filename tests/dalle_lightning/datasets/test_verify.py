@@ -19,7 +19,7 @@ def _tree(tmp_path):
 
 
 def test_clean_tree_verifies(tmp_path):
-    _, paths = _tree(tmp_path)
+    _, _paths = _tree(tmp_path)
     report = verify_tree(str(tmp_path))
     assert report.ok, report.problems
     assert report.checked == 3 and report.rows == 30
@@ -35,8 +35,10 @@ def test_detects_changed_truncated_missing_and_unknown(tmp_path):
     # missing
     os.remove(paths[2])
     # a file no manifest knows
-    pq.write_table(pa.table({"url": ["http://y"], "caption": ["c"]}).cast(sources_schema.SCHEMA),
-                   layout.shard("sources", "d", "feed"))
+    pq.write_table(
+        pa.table({"url": ["http://y"], "caption": ["c"]}).cast(sources_schema.SCHEMA),
+        layout.shard("sources", "d", "feed"),
+    )
     problems = "\n".join(verify_tree(str(tmp_path)).problems)
     assert f"{paths[0]}: sha256 differs" in problems or f"{paths[0]}: size" in problems
     assert f"{paths[0]}: 1 rows, manifest says 10" in problems
@@ -48,7 +50,8 @@ def test_detects_changed_truncated_missing_and_unknown(tmp_path):
 def test_detects_schema_violation(tmp_path):
     layout, _ = _tree(tmp_path)
     bad = pa.table({"url": ["http://x"]}).replace_schema_metadata(
-        {b"dalle.schema": b"sources", b"dalle.schema_version": b"1"})
+        {b"dalle.schema": b"sources", b"dalle.schema_version": b"1"}
+    )
     pq.write_table(bad, layout.shard("sources", "d", "bad0"))
     problems = "\n".join(verify_tree(str(tmp_path)).problems)
     assert "part-bad0.parquet: sources: missing column 'caption'" in problems

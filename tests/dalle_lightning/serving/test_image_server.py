@@ -15,7 +15,13 @@ import pytest
 from PIL import Image
 
 import data_schemas.sources as sources_schema
-from dalle_lightning.serving.image_server import FAULTS, ImageServer, image_url, url_list_for_folder, write_url_list
+from dalle_lightning.serving.image_server import (
+    FAULTS,
+    ImageServer,
+    image_url,
+    url_list_for_folder,
+    write_url_list,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -68,7 +74,11 @@ def test_error_faults(served, fault: str, status: int) -> None:
 def test_html_fault_is_a_page_not_an_image(served) -> None:
     server, _ = served
     status, headers, body = _get(server.url_for("images/a b.png", fault="html"))
-    assert status == 200 and headers["Content-Type"].startswith("text/html") and body.startswith(b"<!doctype html>")
+    assert (
+        status == 200
+        and headers["Content-Type"].startswith("text/html")
+        and body.startswith(b"<!doctype html>")
+    )
 
 
 def test_truncate_fault_sends_first_half(served) -> None:
@@ -117,12 +127,19 @@ def test_usage_errors(tmp_path: Path) -> None:
 def test_write_url_list(tmp_path: Path) -> None:
     out = str(tmp_path / "urls" / "list.parquet")
     written = write_url_list(
-        "http://127.0.0.1:9", ["a.png", "_fault/404/b c.png"], ["an a", None], out, extra={"split": ["train", "val"]}
+        "http://127.0.0.1:9",
+        ["a.png", "_fault/404/b c.png"],
+        ["an a", None],
+        out,
+        extra={"split": ["train", "val"]},
     )
     table = pq.read_table(out)
     sources_schema.validate(table, check_metadata=True)
     assert written.rows == 2
-    assert table.column("url").to_pylist() == ["http://127.0.0.1:9/a.png", "http://127.0.0.1:9/_fault/404/b%20c.png"]
+    assert table.column("url").to_pylist() == [
+        "http://127.0.0.1:9/a.png",
+        "http://127.0.0.1:9/_fault/404/b%20c.png",
+    ]
     assert table.column("caption").to_pylist() == ["an a", None]
     assert table.column("split").to_pylist() == ["train", "val"]
     with pytest.raises(ValueError, match="captions has 1"):
@@ -162,7 +179,10 @@ def test_url_list_for_folder_uses_shapes_metadata(tmp_path: Path) -> None:
     url_list_for_folder("http://127.0.0.1:8000", str(tmp_path / "list.parquet"), folder=root)
     table = pq.read_table(tmp_path / "list.parquet")
     sources_schema.validate(table, check_metadata=True)
-    assert table.column("url").to_pylist() == ["http://127.0.0.1:8000/images/0.png", "http://127.0.0.1:8000/images/1.png"]
+    assert table.column("url").to_pylist() == [
+        "http://127.0.0.1:8000/images/0.png",
+        "http://127.0.0.1:8000/images/1.png",
+    ]
     assert table.column("caption").to_pylist() == ["a red circle", "a square above a circle"]
     assert table.column("split").to_pylist() == ["train", "test"]
     assert table.column("objects").to_pylist() == objects.to_pylist()
@@ -174,4 +194,3 @@ def test_url_list_for_folder_needs_a_folder_for_a_bare_url(tmp_path: Path) -> No
         url_list_for_folder("http://127.0.0.1:8000", str(tmp_path / "l.parquet"))
     with pytest.raises(ValueError, match="no image files"):
         url_list_for_folder("http://127.0.0.1:8000", str(tmp_path / "l.parquet"), folder=tmp_path)
-

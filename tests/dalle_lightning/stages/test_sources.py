@@ -9,9 +9,13 @@ from dalle_lightning.stages.sources import plan_shards, prune_stale, read_url_li
 
 
 def _urls(n, start=0):
-    return pa.table({"url": [f"http://127.0.0.1/{i}.png" for i in range(start, start + n)],
-                     "caption": [f"caption {i}" for i in range(start, start + n)],
-                     "licence": ["cc0"] * n})
+    return pa.table(
+        {
+            "url": [f"http://127.0.0.1/{i}.png" for i in range(start, start + n)],
+            "caption": [f"caption {i}" for i in range(start, start + n)],
+            "licence": ["cc0"] * n,
+        }
+    )
 
 
 def test_appending_urls_keeps_existing_shard_ids():
@@ -26,8 +30,12 @@ def test_read_url_list_formats_and_renames(tmp_path):
     table = _urls(4).rename_columns(["URL", "TEXT", "licence"])
     pq.write_table(table, tmp_path / "a.parquet")
     pacsv.write_csv(table, tmp_path / "b.csv")
-    read = read_url_list([str(tmp_path / "a.parquet"), str(tmp_path / "b.csv")], url_col="URL", caption_col="TEXT")
-    assert read.num_rows == 8 and read.column_names[:2] == ["url", "caption"] and "licence" in read.column_names
+    read = read_url_list(
+        [str(tmp_path / "a.parquet"), str(tmp_path / "b.csv")], url_col="URL", caption_col="TEXT"
+    )
+    assert (
+        read.num_rows == 8 and read.column_names[:2] == ["url", "caption"] and "licence" in read.column_names
+    )
 
 
 def test_read_url_list_errors(tmp_path):
