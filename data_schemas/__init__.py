@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from data_schemas import downloaded, filtered, image_hashes, rejects, shapes, sources
+from data_schemas import downloaded, filtered, image_hashes, rejects, shapes, sources, tokens
 from data_schemas.base import SchemaError, schema_identity
 
 MODULES: dict[str, ModuleType] = {
-    m.NAME: m for m in (sources, downloaded, filtered, rejects, image_hashes, shapes)
+    m.NAME: m for m in (sources, downloaded, filtered, rejects, image_hashes, shapes, tokens)
 }
 
 
@@ -31,4 +31,5 @@ __all__ = [
     "schema_identity",
     "shapes",
     "sources",
+    "tokens",
 ]

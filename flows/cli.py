@@ -32,7 +32,9 @@ def synth_shapes(
     from dalle_lightning.synth.shapes_dataset import ShapesConfig, write_shapes_dataset
 
     table = write_shapes_dataset(str(out), ShapesConfig(n=n, size=size, seed=seed))
-    splits = ", ".join(f"{s['values']}: {s['counts']}" for s in table.column("split").value_counts().to_pylist())
+    splits = ", ".join(
+        f"{s['values']}: {s['counts']}" for s in table.column("split").value_counts().to_pylist()
+    )
     typer.echo(f"wrote {table.num_rows} images to {out} ({splits})")
 
 

@@ -171,7 +171,7 @@ def _collect(stage: str, futures: list[PrefectFuture]) -> tuple[list[dict], Coun
     for i, future in enumerate(as_completed(futures), 1):
         result = future.result()
         state = future.state.name
-        kind = "cached" if state == "Cached" else ("executed" if result["did_work"] else "skipped (manifest)")
+        kind = "cached" if state == "Cached" else ("executed" if result["did_work"] else "skipped")
         work[kind] += 1
         results.append(result)
         logger.info(

@@ -34,9 +34,14 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return protocol in ("file", "local")
 
 
-def conform(table: pa.Table, schema_module: ModuleType) -> pa.Table:
-    """Cast ``table`` to the module's schema (column order, types, metadata) and validate it."""
-    schema: pa.Schema = schema_module.SCHEMA
+def conform(table: pa.Table, schema_module: ModuleType, schema: pa.Schema | None = None) -> pa.Table:
+    """Cast ``table`` to the module's schema (column order, types, metadata) and validate it.
+
+    ``schema`` replaces ``schema_module.SCHEMA`` for datasets whose schema is
+    built per file (``tokens``: the list size depends on the dVAE).
+    """
+    if schema is None:
+        schema = schema_module.SCHEMA
     extra = [c for c in table.column_names if c not in schema.names]
     columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else None for f in schema]
     missing = [f.name for f, c in zip(schema, columns, strict=False) if c is None]
@@ -54,9 +59,11 @@ def conform(table: pa.Table, schema_module: ModuleType) -> pa.Table:
     return out
 
 
-def write_parquet_atomic(table: pa.Table, path: str, schema_module: ModuleType) -> WrittenFile:
-    """Conform ``table`` to ``schema_module`` and write it to ``path`` atomically."""
-    table = conform(table, schema_module)
+def write_parquet_atomic(
+    table: pa.Table, path: str, schema_module: ModuleType, schema: pa.Schema | None = None
+) -> WrittenFile:
+    """Conform ``table`` to ``schema_module`` (or to ``schema``, see :func:`conform`); write it atomically."""
+    table = conform(table, schema_module, schema)
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     data = buffer.getvalue()

@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data_schemas.shapes import SCHEMA
 from dalle_lightning.synth.shapes import (
     ALL_PAIRS,
     COLOURS,
@@ -31,6 +30,7 @@ from dalle_lightning.synth.shapes_dataset import (
     objects_from_json,
     write_shapes_dataset,
 )
+from data_schemas.shapes import SCHEMA
 
 SIZE_WORDS = {"small": ("small", "tiny", "little"), "large": ("large", "big")}
 POSITION_WORDS = {

@@ -1,0 +1,1 @@
+"""Reading datasets for training and inference: image transforms, Parquet streams."""
