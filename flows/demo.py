@@ -59,14 +59,14 @@ def run_demo(out: Path, *, n: int = 2000, size: int = 64, port: int = 8765, work
         )
     print_ingest_summary(summary, console)
     elapsed = time.monotonic() - started
-    console.print(f"demo finished in {elapsed:.1f}s; dataset under {out / 'data'}")
-    console.print("look at the results:")
-    console.print(
-        f"  Prefect UI:  PREFECT_HOME={prefect_home} prefect server start   → http://127.0.0.1:4200"
-    )
-    console.print(
-        f"  MLflow UI:   mlflow ui --backend-store-uri {tracking_uri} --port 5000   → http://127.0.0.1:5000"
-    )
-    console.print(f"  check data:  dalle verify {out / 'data'}")
+    lines = [
+        f"demo finished in {elapsed:.1f}s; dataset under {out / 'data'}",
+        "look at the results:",
+        f"  Prefect UI:  PREFECT_HOME={prefect_home.resolve()} prefect server start  → http://127.0.0.1:4200",
+        f"  MLflow UI:   mlflow ui --backend-store-uri {tracking_uri} --port 5000  → http://127.0.0.1:5000",
+        f"  check data:  dalle verify {out / 'data'}",
+    ]
+    for line in lines:
+        console.print(line, soft_wrap=True, highlight=False)
     summary["elapsed_s"] = elapsed
     return summary

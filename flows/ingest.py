@@ -468,5 +468,8 @@ def run_ingest(
     for key in ("download", "filter"):
         if isinstance(params.get(key), dict):
             params[key] = {"download": DownloadConfig, "filter": FilterConfig}[key](**params[key])
-    runner = dask_task_runner(dask_address, n_workers)
-    return ingest.with_options(task_runner=runner)(root=root, **params)
+    from flows.prefect_api import prefect_api
+
+    with prefect_api():
+        runner = dask_task_runner(dask_address, n_workers)
+        return ingest.with_options(task_runner=runner)(root=root, **params)
