@@ -20,6 +20,7 @@ from prefect.futures import PrefectFuture, as_completed
 from dalle_lightning.datasets.fingerprint import fingerprint
 from dalle_lightning.datasets.layout import DatasetLayout
 from dalle_lightning.datasets.manifest import is_done, read_manifest, run_once
+from dalle_lightning.datasets.prune import prune_stale
 from dalle_lightning.stages import download as download_stage
 from dalle_lightning.stages import filter as filter_stage
 from dalle_lightning.stages import sources as sources_stage
@@ -202,7 +203,7 @@ def _plan_sources(layout: DatasetLayout, name: str, urls: list[str] | None, shar
                     "rows": shard.table.num_rows,
                 }
             )
-        sources_stage.prune_stale(layout, "sources", name, {p["shard_id"] for p in planned})
+        prune_stale(layout, "sources", name, {p["shard_id"] for p in planned})
         return planned
     from dalle_lightning.datasets.layout import shard_id_of
     from dalle_lightning.datasets.parquet_io import list_parts
@@ -268,7 +269,7 @@ def ingest(
         for s in shards
     ]
     download_results, download_work = _collect("download", futures)
-    sources_stage.prune_stale(layout, "download", name, set(download_fp))
+    prune_stale(layout, "download", name, set(download_fp))
 
     # filter: per-shard rules + hashes, one global dedup, per-shard apply
     score_fp = {
@@ -313,8 +314,9 @@ def ingest(
         for s in shards
     ]
     filter_results, filter_work = _collect("filter", futures)
-    for sub in ((), ("rejects",), (HASHES_DIR,)):
-        sources_stage.prune_stale(layout, "filter", name, set(filter_fp), *sub)
+    prune_stale(layout, "filter", name, set(filter_fp))
+    prune_stale(layout, "filter", name, set(filter_fp), "rejects")
+    prune_stale(layout, "filter", name, set(filter_fp), HASHES_DIR, manifests=("filter-score", name))
 
     summary = summarize(n_input, download_results, filter_results)
     summary["work"] = {

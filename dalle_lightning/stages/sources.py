@@ -23,7 +23,7 @@ import data_schemas.sources as sources_schema
 from dalle_lightning.datasets.fingerprint import fingerprint, table_fingerprint
 from dalle_lightning.datasets.layout import DatasetLayout
 from dalle_lightning.datasets.manifest import ShardManifest, is_done, write_manifest
-from dalle_lightning.datasets.parquet_io import conform, list_parts, write_parquet_atomic
+from dalle_lightning.datasets.parquet_io import conform, write_parquet_atomic
 
 STAGE = "sources"
 STAGE_VERSION = 1
@@ -144,26 +144,3 @@ def write_source_shard(layout: DatasetLayout, name: str, shard: SourceShard) -> 
     manifest.add_file("output", written, manifest_path)
     write_manifest(manifest_path, manifest)
     return manifest, True
-
-
-def prune_stale(layout: DatasetLayout, stage: str, name: str, keep: set[str], *sub: str) -> list[str]:
-    """Remove shard files (and their manifests) of ``stage`` not in ``keep``; returns removed shard ids.
-
-    Called after planning so that a shard replaced by a changed one (the last,
-    partial shard of an appended list) does not linger beside it.
-    """
-    removed = []
-    fs = layout.fs
-    for path in list_parts(layout.dataset(stage, name, *sub)):
-        from dalle_lightning.datasets.layout import shard_id_of
-
-        shard_id = shard_id_of(path)
-        if shard_id in keep:
-            continue
-        fs.rm(fsspec.core.url_to_fs(path)[1])
-        if not sub:
-            manifest = fsspec.core.url_to_fs(layout.manifest(stage, name, shard_id))[1]
-            if fs.exists(manifest):
-                fs.rm(manifest)
-        removed.append(shard_id)
-    return removed

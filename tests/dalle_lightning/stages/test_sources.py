@@ -5,7 +5,8 @@ import pytest
 
 from dalle_lightning.datasets.layout import DatasetLayout
 from dalle_lightning.datasets.parquet_io import list_parts
-from dalle_lightning.stages.sources import plan_shards, prune_stale, read_url_list, write_source_shard
+from dalle_lightning.datasets.prune import prune_stale
+from dalle_lightning.stages.sources import plan_shards, read_url_list, write_source_shard
 
 
 def _urls(n, start=0):
