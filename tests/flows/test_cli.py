@@ -1,0 +1,39 @@
+"""The ``dalle`` command line: commands parse their options and call the stage/flow code."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+from typer.testing import CliRunner
+
+from dalle_lightning.datasets.layout import DatasetLayout
+from dalle_lightning.stages.sources import plan_shards, write_source_shard
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def test_synth_shapes_writes_images_and_index(tmp_path):
+    result = runner.invoke(app, ["synth", "shapes", str(tmp_path / "s"), "--n", "12", "--size", "32"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 12 images" in result.output
+    assert len(list((tmp_path / "s" / "images").glob("*.png"))) == 12
+
+
+def test_verify_exit_code_follows_problems(tmp_path):
+    layout = DatasetLayout(str(tmp_path))
+    table = pa.table({"url": [f"http://127.0.0.1/{i}" for i in range(5)], "caption": ["c"] * 5})
+    (shard,) = plan_shards(table, 10)
+    write_source_shard(layout, "d", shard)
+    ok = runner.invoke(app, ["verify", str(tmp_path)])
+    assert ok.exit_code == 0 and "0 problem(s)" in ok.output
+    path = layout.shard("sources", "d", shard.shard_id)
+    with open(path, "r+b") as f:
+        f.truncate(10)
+    bad = runner.invoke(app, ["verify", str(tmp_path), "--json"])
+    assert bad.exit_code == 1 and "unreadable Parquet" in bad.output
+
+
+def test_ingest_rejects_unknown_settings(tmp_path):
+    result = runner.invoke(app, ["ingest", "--root", str(tmp_path), "--set", "download.timout=3"])
+    assert result.exit_code != 0
+    assert "unknown field 'timout'" in str(result.exception) or "timout" in result.output
