@@ -140,6 +140,76 @@ def verify(
 
 
 @app.command()
+def tokenize(
+    root: Annotated[str, typer.Option(help="Dataset root.")] = "data",
+    dataset: Annotated[str, typer.Option(help="Dataset name (filter/<name>).")] = "default",
+    dvae: Annotated[
+        str, typer.Option(help="dVAE checkpoint path or MLflow URI (models:/dvae/3).")
+    ] = "models:/dvae/latest",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a setting: tokenize.batch_size=128")
+    ] = None,
+    dask_address: Annotated[
+        str | None, typer.Option(help="Existing Dask scheduler (default: a LocalCluster).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes of the local Dask cluster.")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "dalle-lightning",
+) -> None:
+    """Encode the filtered images into dVAE codes (flow `tokenize`): only shards not yet done with this dVAE."""
+    from dalle_lightning.config_overrides import build, load_sections
+    from dalle_lightning.stages.tokenize import TokenizeConfig
+    from flows.tokenize import run_tokenize
+
+    sections = load_sections(None, set_ or [])
+    summary = run_tokenize(
+        root,
+        dask_address=dask_address,
+        n_workers=workers,
+        dataset=dataset,
+        dvae=dvae,
+        config=build(TokenizeConfig, sections.get("tokenize", {}), "tokenize"),
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+    )
+    work = ", ".join(f"{k} {v}" for k, v in sorted(summary["work"]["tokenize"].items()))
+    typer.echo(
+        f"tokenized {summary['rows']} images in {summary['shards']} shards ({work}) -> {summary['path']}"
+    )
+
+
+@app.command()
+def reconstruct(
+    images: Annotated[list[Path], typer.Argument(help="Image files to encode and decode.")],
+    dvae: Annotated[str, typer.Option(help="dVAE checkpoint path or MLflow URI (models:/dvae/3).")],
+    out: Annotated[Path, typer.Option(help="Grid PNG: originals above their reconstructions.")] = Path(
+        "reconstruction.png"
+    ),
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (for models:/ URIs).")] = None,
+) -> None:
+    """Round-trip images through a dVAE and write an original/reconstruction grid."""
+    import numpy as np
+    import torch
+
+    from dalle_lightning.data.transforms import center_crop_resize, decode_image, to_tensor, to_uint8
+    from dalle_lightning.image_grid import image_grid
+    from dalle_lightning.models.dvae import load_dvae
+    from flows import tracking
+    from flows.models_registry import resolve_checkpoint
+
+    if dvae.startswith(("models:/", "runs:/")):
+        tracking.setup(tracking_uri)
+    model = load_dvae(resolve_checkpoint(dvae)).eval()
+    size = model.config.image_size
+    originals = np.stack([center_crop_resize(decode_image(p.read_bytes()), size) for p in images])
+    with torch.inference_mode():
+        codes = model.get_codebook_indices(to_tensor(originals))
+        reconstructions = to_uint8(model.decode_indices(codes))
+    image_grid([originals, reconstructions], scale=max(1, 128 // size)).save(out)
+    typer.echo(f"wrote {out} ({len(images)} images, {tuple(codes.shape[1:])} codes each)")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo makes.")] = Path("demo-data"),
     n: Annotated[int, typer.Option(help="Synthetic images.")] = 2000,

@@ -37,3 +37,31 @@ def test_ingest_rejects_unknown_settings(tmp_path):
     result = runner.invoke(app, ["ingest", "--root", str(tmp_path), "--set", "download.timout=3"])
     assert result.exit_code != 0
     assert "unknown field 'timout'" in str(result.exception) or "timout" in result.output
+
+
+def test_reconstruct_writes_a_grid(tmp_path):
+    import torch
+    from PIL import Image
+
+    from dalle_lightning.models.dvae import DiscreteVAE, DVAEConfig, save_dvae
+
+    torch.manual_seed(0)
+    save_dvae(
+        DiscreteVAE(DVAEConfig(image_size=32, n_hid=16, n_blk_per_group=1, group_count=3, vocab_size=64)),
+        tmp_path / "d.pt",
+    )
+    for i in range(3):
+        Image.new("RGB", (40, 32), (80 * i, 100, 200)).save(tmp_path / f"{i}.png")
+    out = tmp_path / "grid.png"
+    args = [
+        "reconstruct",
+        *(str(tmp_path / f"{i}.png") for i in range(3)),
+        "--dvae",
+        str(tmp_path / "d.pt"),
+        "--out",
+        str(out),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    grid = Image.open(out)
+    assert grid.width > grid.height  # 3 columns, 2 rows
