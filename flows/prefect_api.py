@@ -34,5 +34,18 @@ def prefect_api() -> Iterator[str | None]:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield server.api_url
     finally:
+        _flush_logs()
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
+
+
+def _flush_logs() -> None:
+    """Send the run logs Prefect still holds before the server goes away (else it retries at exit)."""
+    try:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
+    except Exception:  # a failed flush loses log lines in the UI, never the run
+        pass
