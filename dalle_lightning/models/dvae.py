@@ -22,6 +22,7 @@ integers, not pixels. Reading order:
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -408,9 +409,19 @@ def load_dvae(path: str | Path, map_location: str | torch.device = "cpu") -> Dis
 
 
 def dvae_version(path: str | Path) -> str:
-    """First 16 hex characters of the sha256 of the saved file: names the dVAE its tokens come from."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    """16 hex characters naming the dVAE its tokens come from: a digest of the config and the weights.
+
+    Computed from the content, not the file bytes (``torch.save`` embeds the
+    file name in its archive), so the same weights saved anywhere give the same
+    version.
+    """
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or "config" not in saved or "state_dict" not in saved:
+        raise ValueError(f"{path}: not a dVAE file (expected a dict with 'config' and 'state_dict')")
+    digest = hashlib.sha256(json.dumps(saved["config"], sort_keys=True).encode())
+    for name in sorted(saved["state_dict"]):
+        tensor = saved["state_dict"][name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()[:16]
