@@ -139,6 +139,39 @@ def verify(
     raise typer.Exit(0 if report.ok else 1)
 
 
+@app.command("train-dvae")
+def train_dvae(
+    root: Annotated[str, typer.Option(help="Dataset root.")] = "data",
+    dataset: Annotated[str, typer.Option(help="Dataset name (filter/<name>).")] = "default",
+    preset: Annotated[str, typer.Option(help="tiny (CPU, minutes), small (one GPU) or paper.")] = "tiny",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a setting: train.max_steps=500, model.vocab_size=512"),
+    ] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "dalle-lightning",
+) -> None:
+    """Train the dVAE on the filtered images (flow `train_dvae`) and register it in MLflow as `dvae`."""
+    from dalle_lightning.config_overrides import load_sections
+    from flows.prefect_api import prefect_api
+    from flows.train_dvae import train_dvae as train_dvae_flow
+
+    with prefect_api():
+        result = train_dvae_flow(
+            root=root,
+            dataset=dataset,
+            preset=preset,
+            overrides=load_sections(None, set_ or []),
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+        )
+    state = "trained" if result["did_work"] else "already trained (same config and data)"
+    typer.echo(f"dVAE {result['dvae_version']} {state}: {result['model_path']}")
+    typer.echo(
+        f"registered as dvae version {result.get('registered_version')}; metrics {result.get('metrics')}"
+    )
+
+
 @app.command()
 def tokenize(
     root: Annotated[str, typer.Option(help="Dataset root.")] = "data",

@@ -28,6 +28,20 @@ from flows import tracking
 from flows.lineage import dataset_fingerprint
 
 
+def preset_with_overrides(preset: str, overrides: dict[str, dict[str, Any]]) -> Any:
+    """The preset's ``DVAETrainConfig`` with ``{"model": {...}, "train": {...}}`` overrides, type-checked."""
+    from dalle_lightning.config_overrides import build
+    from dalle_lightning.training.dvae_train import DVAETrainConfig, load_preset
+
+    unknown = set(overrides) - {"model", "train"}
+    if unknown:
+        raise ValueError(f"unknown dVAE override section(s) {sorted(unknown)}; expected model, train")
+    base = dataclasses.asdict(load_preset(preset))
+    base["model"].update(overrides.get("model", {}))
+    base.update(overrides.get("train", {}))
+    return build(DVAETrainConfig, base, "train_dvae")
+
+
 @flow(name="train_dvae")
 def train_dvae(
     root: str,
@@ -36,15 +50,14 @@ def train_dvae(
     overrides: dict[str, Any] | None = None,
     tracking_uri: str | None = None,
     experiment: str = tracking.DEFAULT_EXPERIMENT,
-    register: bool = True,
+    register_model: bool = True,
 ) -> dict[str, Any]:
     """Train a dVAE from ``preset`` (+ ``overrides``: {"model": {...}, "train": {...}}) on ``filter/<dataset>``."""
     from dalle_lightning.models.dvae import dvae_version
-    from dalle_lightning.training.dvae_train import apply_overrides, load_preset
 
     logger = get_run_logger()
     layout = DatasetLayout(root)
-    config = apply_overrides(load_preset(preset), overrides or {})
+    config = preset_with_overrides(preset, overrides or {})
     data_fp = dataset_fingerprint(layout, "filter", dataset)
     run_fp = fingerprint("train_dvae", config, data_fp)
     out_dir = layout.join("models", "dvae", run_fp)
@@ -63,7 +76,7 @@ def train_dvae(
         mlflow.log_params(tracking.flatten_params("", config))
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         config_path = Path(out_dir) / "config.json"
-        config_path.write_text(json.dumps(dataclasses.asdict(config), indent=1))
+        config_path.write_text(json.dumps(config.to_dict(), indent=1))
         command = [
             sys.executable,
             "-m",
@@ -89,7 +102,7 @@ def train_dvae(
         version = dvae_version(trained["model_path"])
         tags = {"dalle.dataset": dataset, "dalle.fingerprint.data": data_fp, "dalle.dvae_version": version}
         mlflow.set_tags(tags)
-        model_uri, registered = log_and_register_dvae(trained["model_path"], tags, register)
+        model_uri, registered = log_and_register_dvae(trained["model_path"], tags, register_model)
         result = {
             "model_path": trained["model_path"],
             "checkpoint": trained["checkpoint"],
