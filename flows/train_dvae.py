@@ -73,7 +73,6 @@ def train_dvae(
     with tracking.stage_run(
         "train_dvae", tags={"dalle.fingerprint.input": data_fp, "dalle.preset": preset}
     ) as run:
-        mlflow.log_params(tracking.flatten_params("", config))
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         config_path = Path(out_dir) / "config.json"
         config_path.write_text(json.dumps(config.to_dict(), indent=1))

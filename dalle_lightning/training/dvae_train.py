@@ -241,7 +241,11 @@ def train_dvae(
         ),
         ReconstructionGrid(out / "reconstructions", config.recon_every_n_steps, config.recon_images),
     ]
-    devices = int(config.devices) if isinstance(config.devices, str) and config.devices.isdigit() else config.devices
+    devices = (
+        int(config.devices)
+        if isinstance(config.devices, str) and config.devices.isdigit()
+        else config.devices
+    )
     trainer = L.Trainer(
         max_steps=config.max_steps,
         accelerator=config.accelerator,
@@ -266,7 +270,12 @@ def train_dvae(
     if trainer.is_global_zero:
         save_dvae(module.export_model(), model_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    return {"checkpoint": str(last), "model_path": str(model_path), "metrics": metrics, "steps": trainer.global_step}
+    return {
+        "checkpoint": str(last),
+        "model_path": str(model_path),
+        "metrics": metrics,
+        "steps": trainer.global_step,
+    }
 
 
 def _filtered_shards(data_root: str | None, dataset: str | None) -> Any:
@@ -294,7 +303,7 @@ def main(
     resume_from: Annotated[str | None, typer.Option(help="Lightning checkpoint to resume from")] = None,
 ) -> None:
     """Train a dVAE from a JSON config and write the result as JSON (the Prefect flow's training process)."""
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
+    from lightning.fabric.utilities.rank_zero import _get_rank
 
     config = DVAETrainConfig.from_dict(json.loads(config_json.read_text()))
     result = train_dvae(
@@ -306,7 +315,7 @@ def main(
         run_id=run_id,
         resume_from=resume_from,
     )
-    if getattr(rank_zero_only, "rank", 0) == 0:
+    if (_get_rank() or 0) == 0:  # DDP launches one process per device; rank 0 writes the result
         result_json.parent.mkdir(parents=True, exist_ok=True)
         result_json.write_text(json.dumps(result, indent=2))
 
