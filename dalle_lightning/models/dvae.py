@@ -68,6 +68,10 @@ class DVAEConfig:
     """β after ``kl_weight_steps`` (cosine, A.2); 6.6 in the paper, which it found to improve codebook usage."""
     kl_weight_steps: int = 5_000
     """Updates over which β rises (0: ``kl_weight_end`` from the start)."""
+    diversity_weight: float = 0.0
+    """Weight of KL(posterior averaged over the batch's cells ‖ uniform), a penalty on leaving codes
+    unused (the codebook diversity loss of wav2vec 2.0); 0 in the paper, whose long training and large
+    β keep the codebook in use."""
     embedding_init_std: float | None = None
     """Initial std of the code embeddings (the decoder's 1×1 conv on one-hot codes); ``None``: 1/√V, the
     fan-in init of the released model. A small model trained briefly learns far faster from 1.0."""
@@ -92,7 +96,7 @@ class DVAEConfig:
         for name in ("temperature_start", "temperature_end"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("kl_weight_start", "kl_weight_end"):
+        for name in ("kl_weight_start", "kl_weight_end", "diversity_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.image_size % self.downsample_factor:
@@ -262,11 +266,14 @@ class DVAEOutput:
     """What :meth:`DiscreteVAE.forward` returns; the losses are scalars averaged over the batch."""
 
     loss: torch.Tensor
-    """``recon_loss + kl_weight · kl · (cells / values)``: the negative ELB per pixel value (A.2)."""
+    """``recon_loss + kl_weight · kl · (cells / values)``: the negative ELB per pixel value (A.2),
+    plus ``diversity_weight · diversity`` when the config asks for it."""
     recon_loss: torch.Tensor
     """Negative log-likelihood (logit-Laplace, nats) or squared error (MSE) per pixel value."""
     kl: torch.Tensor
     """KL(q(z | x) ‖ uniform) per code cell, in nats (at most ln V)."""
+    diversity: torch.Tensor
+    """KL(mean of q over the batch's cells ‖ uniform), in nats: 0 when every code is equally used."""
     logits: torch.Tensor
     """Encoder logits (B, V, h, w)."""
     reconstruction: torch.Tensor
@@ -301,8 +308,12 @@ class DiscreteVAE(nn.Module):
             raise ValueError(f"expected images of shape (B, 3, {size}, {size}), got {tuple(x.shape)}")
 
     def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
-        # the released encoder sees the ε-mapped pixels, like the likelihood does
-        return map_pixels(x, self.config.logit_laplace_eps) if self.config.output == "logit_laplace" else x
+        # the ε-mapped pixels, as the likelihood sees them (and the released encoder), centred on 0: with
+        # inputs in [0, 1] a plain background gives large constant features, which pull every cell's
+        # logits towards the same code early in training
+        if self.config.output == "logit_laplace":
+            x = map_pixels(x, self.config.logit_laplace_eps)
+        return 2.0 * x - 1.0  # (B, 3, H, W)
 
     def encode_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits over the codebook (B, V, h, w) of images ``x`` (B, 3, H, W) in [0, 1]."""
@@ -367,10 +378,15 @@ class DiscreteVAE(nn.Module):
             reconstruction = out.clamp(0.0, 1.0)
 
         # KL(q ‖ uniform prior) = Σ_v q_v (ln q_v + ln V), per cell
-        kl = (log_q.exp() * (log_q + math.log(config.vocab_size))).sum(dim=1).mean()
+        q = log_q.exp()  # (B, V, h, w)
+        kl = (q * (log_q + math.log(config.vocab_size))).sum(dim=1).mean()
         cells_per_value = config.grid_size**2 / (3 * config.image_size**2)
         loss = recon_loss + kl_weight * kl * cells_per_value
-        return DVAEOutput(loss, recon_loss, kl, logits, reconstruction.detach())
+        mean_q = q.mean(dim=(0, 2, 3))  # (V,)
+        diversity = (mean_q * (torch.log(mean_q.clamp_min(1e-12)) + math.log(config.vocab_size))).sum()
+        if config.diversity_weight > 0:
+            loss = loss + config.diversity_weight * diversity
+        return DVAEOutput(loss, recon_loss, kl, diversity, logits, reconstruction.detach())
 
 
 # --- the exported model file ----------------------------------------------------------------------

@@ -37,6 +37,8 @@ def kl_weight_schedule(step: int, total: int = 5_000, start: float = 0.0, end: f
     return cosine_schedule(step, total, start, end)
 
 
-def learning_rate_schedule(step: int, total: int = 1_200_000, start: float = 1e-4, end: float = 1.25e-6) -> float:
+def learning_rate_schedule(
+    step: int, total: int = 1_200_000, start: float = 1e-4, end: float = 1.25e-6
+) -> float:
     """Step size at ``step`` (paper: 1e-4 → 1.25e-6 over 1,200,000 updates)."""
     return cosine_schedule(step, total, start, end)

@@ -115,6 +115,7 @@ class DVAELightningModule(L.LightningModule):
                 "train/loss": out.loss,
                 "train/recon_loss": out.recon_loss,
                 "train/kl": out.kl,
+                "train/diversity": out.diversity,
                 "train/temperature": temperature,
                 "train/kl_weight": kl_weight,
                 "train/lr": self.optimizers().param_groups[0]["lr"] if self._trainer else self.hparams.lr,
@@ -149,7 +150,9 @@ class DVAELightningModule(L.LightningModule):
 # --- reconstruction grids -------------------------------------------------------------------------
 
 
-def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, scale: int = 1) -> Image.Image:
+def reconstruction_grid(
+    originals: torch.Tensor, reconstructions: torch.Tensor, scale: int = 1
+) -> Image.Image:
     """One PIL image: ``originals`` (N, 3, H, W) in [0, 1] in the top row, ``reconstructions`` below."""
     if originals.shape != reconstructions.shape:
         raise ValueError(

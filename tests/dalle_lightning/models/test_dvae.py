@@ -110,7 +110,9 @@ def test_wrong_input_shapes_are_value_errors():
 # --- schedules (A.2) ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("step", "total"), [(0, 100), (25, 100), (50, 100), (99, 100), (100, 100), (500, 100)])
+@pytest.mark.parametrize(
+    ("step", "total"), [(0, 100), (25, 100), (50, 100), (99, 100), (100, 100), (500, 100)]
+)
 def test_cosine_schedule_is_the_cosine_formula(step, total):
     start, end = 1.0, 1.0 / 16
     expected = end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(step, total) / total))
@@ -193,11 +195,30 @@ def test_kl_is_zero_for_uniform_posteriors_and_log_v_for_certain_ones():
         last = model.encoder.blocks[-1]
         last.weight.zero_()
         last.bias.zero_()
-        assert float(model(_images(), 1.0, 1.0).kl) == pytest.approx(0.0, abs=1e-6)
+        uniform = model(_images(), 1.0, 1.0)
         last.bias[3] = 100.0
         out = model(_images(), 1.0, 1.0)
+    assert float(uniform.kl) == pytest.approx(0.0, abs=1e-6)
+    assert float(uniform.diversity) == pytest.approx(0.0, abs=1e-6)  # every code equally likely
     assert float(out.kl) == pytest.approx(math.log(TINY.vocab_size), rel=1e-4)
+    assert float(out.diversity) == pytest.approx(math.log(TINY.vocab_size), rel=1e-4)  # one code in use
     assert (model.get_codebook_indices(_images()) == 3).all()
+
+
+def test_diversity_weight_adds_the_codebook_diversity_penalty():
+    x, noise = _images(), 11
+    plain = DiscreteVAE(TINY)(x, 1.0, 2.0, generator=torch.Generator().manual_seed(noise))
+    torch.manual_seed(0)
+    a = DiscreteVAE(TINY)
+    torch.manual_seed(0)
+    b = DiscreteVAE(replace(TINY, diversity_weight=0.5))
+    out_a = a(x, 1.0, 2.0, generator=torch.Generator().manual_seed(noise))
+    out_b = b(x, 1.0, 2.0, generator=torch.Generator().manual_seed(noise))
+    q = torch.softmax(out_a.logits, 1).mean(dim=(0, 2, 3))
+    expected = (q * (q.log() - math.log(1 / TINY.vocab_size))).sum()
+    torch.testing.assert_close(out_a.diversity, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_b.loss, out_a.loss + 0.5 * expected, rtol=1e-5, atol=1e-6)
+    assert plain.diversity >= 0
 
 
 # --- the exported file ----------------------------------------------------------------------------

@@ -266,7 +266,9 @@ def test_training_logs_params_curves_and_reconstruction_grids_to_mlflow(tmp_path
     experiment = client.create_experiment("dvae-test", artifact_location=(tmp_path / "artifacts").as_uri())
     run = client.create_run(experiment)
     shards = InMemoryImageShards(_numbered_images(20), rows_per_shard=20)
-    result = train_dvae(MICRO, shards=shards, out_dir=tmp_path / "out", tracking_uri=uri, run_id=run.info.run_id)
+    result = train_dvae(
+        MICRO, shards=shards, out_dir=tmp_path / "out", tracking_uri=uri, run_id=run.info.run_id
+    )
     data = client.get_run(run.info.run_id).data
     assert data.params["model.vocab_size"] == "16" and data.params["train.max_steps"] == "6"
     history = client.get_metric_history(run.info.run_id, "train/loss")
@@ -312,7 +314,9 @@ def test_module_entry_point_trains_from_the_filtered_dataset(tmp_path):
     ]
     subprocess.run(command, check=True, capture_output=True, timeout=200)
     result = json.loads(out.read_text())
-    assert result["steps"] == 2 and Path(result["model_path"]).exists() and Path(result["checkpoint"]).exists()
+    assert (
+        result["steps"] == 2 and Path(result["model_path"]).exists() and Path(result["checkpoint"]).exists()
+    )
     with pytest.raises(ValueError, match="no part"):
         train_dvae(MICRO, data_root=str(tmp_path / "data"), dataset="missing", out_dir=tmp_path / "x")
 
