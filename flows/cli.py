@@ -211,6 +211,40 @@ def tokenize(
     )
 
 
+@app.command("train-bpe")
+def train_bpe(
+    root: Annotated[str, typer.Option(help="Dataset root.")] = "data",
+    dataset: Annotated[str, typer.Option(help="Dataset name (filter/<name>: its captions).")] = "default",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a setting: bpe.vocab_size=1024, bpe.min_frequency=2"),
+    ] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "dalle-lightning",
+) -> None:
+    """Train the caption BPE on the filtered captions (flow `train_bpe`); skipped if the same one exists."""
+    from dalle_lightning.config_overrides import build, load_sections
+    from dalle_lightning.stages.bpe import BPEConfig
+    from flows.train_bpe import run_train_bpe
+
+    sections = load_sections(None, set_ or [])
+    unknown = set(sections) - {"bpe"}
+    if unknown:
+        raise typer.BadParameter(f"unknown config section(s) {sorted(unknown)}; expected bpe")
+    result = run_train_bpe(
+        root,
+        dataset=dataset,
+        config=build(BPEConfig, sections.get("bpe", {}), "bpe"),
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+    )
+    state = "trained" if result["did_work"] else "already trained (same captions and settings)"
+    typer.echo(
+        f"BPE {result['bpe_fingerprint']} {state}: {result['vocab_size']} tokens from "
+        f"{result['stats']['captions']} captions -> {result['tokenizer_path']}"
+    )
+
+
 @app.command()
 def reconstruct(
     images: Annotated[list[Path], typer.Argument(help="Image files to encode and decode.")],
