@@ -183,10 +183,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, layer: int, start_pos: int, cache: KVCache | None) -> torch.Tensor:
         B, S, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (
-            t.view(B, S, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)
-        )  # (B, H, S, D)
+        D = C // self.n_head
+        # (B, H, S, D) each
+        q, k, v = (t.view(B, S, self.n_head, D).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
         backend = self.config.attention_backend
         if cache is not None:  # write this step's keys and values, attend to everything so far
             cache.keys[layer, :, :, start_pos : start_pos + S] = k
@@ -200,6 +199,8 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """C → 4C → GELU → C."""
+
     def __init__(self, config: DalleConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
@@ -333,8 +334,9 @@ class DalleTransformer(nn.Module):
         text_logits = self.text_head(h[:, : c.text_len])  # (B, L, Vt): predict t_0 … t_{L−1}
         image_logits = self.image_head(h[:, c.text_len :])  # (B, N, Vi): predict i_0 … i_{N−1}
         # each loss is the mean over its own tokens (B.2: normalised by the number of each kind)
-        text_loss = F.cross_entropy(text_logits.flatten(0, 1).float(), self.text_targets(text).flatten())
-        image_loss = F.cross_entropy(image_logits.flatten(0, 1).float(), image.flatten())
+        dtype = torch.promote_types(h.dtype, torch.float32)  # the losses in float32 at least
+        text_loss = F.cross_entropy(text_logits.flatten(0, 1).to(dtype), self.text_targets(text).flatten())
+        image_loss = F.cross_entropy(image_logits.flatten(0, 1).to(dtype), image.flatten())
         loss = c.text_loss_weight * text_loss + c.image_loss_weight * image_loss
         return DalleOutput(loss, text_loss, image_loss, text_logits, image_logits)
 
