@@ -1,4 +1,4 @@
-"""``dalle demo`` / ``make demo``: synthetic shapes → loopback image server → the ``ingest`` flow.
+"""``dalle demo`` / ``make demo``: synthetic shapes → loopback image server → ``ingest`` → ``train_dvae`` → ``tokenize``.
 
 Everything lives under one folder (default ``demo-data/``): the images, the
 dataset root, Prefect's ephemeral database (``PREFECT_HOME``) and the MLflow
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -26,7 +27,16 @@ def _environment(out: Path) -> tuple[str, Path]:
     return tracking_uri, Path(os.environ.get("PREFECT_HOME", prefect_home))
 
 
-def run_demo(out: Path, *, n: int = 2000, size: int = 64, port: int = 8765, workers: int = 2) -> dict:
+def run_demo(
+    out: Path,
+    *,
+    n: int = 2000,
+    size: int = 64,
+    port: int = 8765,
+    workers: int = 2,
+    dvae_preset: str = "tiny",
+    dvae_overrides: dict[str, dict[str, Any]] | None = None,
+) -> dict:
     """Run the demo end to end and print the counts and how to look at the results."""
     console = Console()
     started = time.monotonic()
@@ -35,21 +45,25 @@ def run_demo(out: Path, *, n: int = 2000, size: int = 64, port: int = 8765, work
     from dalle_lightning.serving.image_server import ImageServer, url_list_for_folder
     from dalle_lightning.synth.shapes_dataset import ShapesConfig, write_shapes_dataset
     from flows.ingest import run_ingest
+    from flows.prefect_api import prefect_api
     from flows.summary import print_ingest_summary
+    from flows.tokenize import run_tokenize
+    from flows.train_dvae import train_dvae
 
+    root = str(out / "data")
     shapes_dir = out / "shapes"
     if (shapes_dir / "shapes.parquet").exists():
-        console.print(f"[1/3] synth: reusing {shapes_dir}")
+        console.print(f"[1/5] synth: reusing {shapes_dir}")
     else:
-        console.print(f"[1/3] synth: rendering {n} shapes images at {size}px into {shapes_dir}")
+        console.print(f"[1/5] synth: rendering {n} shapes images at {size}px into {shapes_dir}")
         write_shapes_dataset(str(shapes_dir), ShapesConfig(n=n, size=size, seed=0))
-    with ImageServer(str(shapes_dir), port=port) as server:
+    with prefect_api(), ImageServer(str(shapes_dir), port=port) as server:
         urls = out / "urls.parquet"
         url_list_for_folder(server, str(urls))
-        console.print(f"[2/3] serve: {shapes_dir} at {server.base_url}")
-        console.print("[3/3] ingest: download (img2dataset on Dask) → filter + dedup")
+        console.print(f"[2/5] serve: {shapes_dir} at {server.base_url}")
+        console.print("[3/5] ingest: download (img2dataset on Dask) → filter + dedup")
         summary = run_ingest(
-            str(out / "data"),
+            root,
             n_workers=workers,
             name="shapes",
             urls=[str(urls)],
@@ -57,10 +71,39 @@ def run_demo(out: Path, *, n: int = 2000, size: int = 64, port: int = 8765, work
             tracking_uri=tracking_uri,
             experiment="dalle-demo",
         )
-    print_ingest_summary(summary, console)
+        print_ingest_summary(summary, console)
+        console.print(f"[4/5] train_dvae: the {dvae_preset!r} dVAE on filter/shapes (its own process)")
+        dvae = train_dvae(
+            root,
+            dataset="shapes",
+            preset=dvae_preset,
+            overrides=dvae_overrides or {},
+            tracking_uri=tracking_uri,
+            experiment="dalle-demo",
+        )
+        console.print(
+            f"      dVAE {dvae['dvae_version']} ({'trained' if dvae['did_work'] else 'reused'}): "
+            + ", ".join(f"{k} {v:.3g}" for k, v in sorted(dvae["metrics"].items()))
+        )
+        console.print("[5/5] tokenize: filtered images → dVAE codes (Parquet)")
+        tokens = run_tokenize(
+            root,
+            n_workers=workers,
+            dataset="shapes",
+            dvae=dvae["model_path"],
+            tracking_uri=tracking_uri,
+            experiment="dalle-demo",
+        )
+        work = ", ".join(f"{k} {v}" for k, v in sorted(tokens["work"]["tokenize"].items()))
+        console.print(
+            f"      {tokens['rows']} images in {tokens['shards']} shards ({work}) → {tokens['path']}"
+        )
+    summary["dvae"] = dvae
+    summary["tokens"] = tokens
     elapsed = time.monotonic() - started
     lines = [
         f"demo finished in {elapsed:.1f}s; dataset under {out / 'data'}",
+        f"  reconstructions: dalle reconstruct IMAGE… --dvae {dvae['model_path']}",
         "look at the results:",
         f"  Prefect UI:  PREFECT_HOME={prefect_home.resolve()} prefect server start  → http://127.0.0.1:4200",
         f"  MLflow UI:   mlflow ui --backend-store-uri {tracking_uri} --port 5000  → http://127.0.0.1:5000",

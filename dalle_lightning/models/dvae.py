@@ -348,6 +348,25 @@ class DiscreteVAE(nn.Module):
         weight = self.decoder.blocks[0].weight
         return self.decode_pixels(one_hot.permute(0, 3, 1, 2).to(weight.dtype))  # (B, 3, H, W)
 
+    def token_reconstruction_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(recon loss, reconstruction) of images ``x`` (B, 3, H, W) decoded from their tokens.
+
+        The encoder only picks the tokens (argmax, no gradient); the loss trains
+        the decoder to draw from exactly the codes the transformer will produce.
+        """
+        config = self.config
+        with torch.no_grad():
+            codes = self.get_codebook_indices(x)  # (B, h, w)
+        weight = self.decoder.blocks[0].weight
+        z = F.one_hot(codes, config.vocab_size).permute(0, 3, 1, 2).to(weight.dtype)  # (B, V, h, w)
+        out = self.decoder(z).float()  # (B, 6 or 3, H, W)
+        if config.output == "logit_laplace":
+            eps = config.logit_laplace_eps
+            mu, log_b = out[:, :3], out[:, 3:]
+            loss = logit_laplace_nll(map_pixels(x.float(), eps), mu, log_b).mean()
+            return loss, unmap_pixels(torch.sigmoid(mu), eps).detach()
+        return F.mse_loss(out, x.float()), out.clamp(0.0, 1.0).detach()
+
     def forward(
         self,
         x: torch.Tensor,

@@ -61,6 +61,8 @@ class DVAELightningModule(L.LightningModule):
         ema_decay: float | None = None,
         seed: int = 0,
         usage_window: int = 100,
+        decoder_finetune_from: int | None = None,
+        decoder_finetune_lr: float = 1e-3,
     ) -> None:
         super().__init__()
         config = model if isinstance(model, DVAEConfig) else DVAEConfig(**model)
@@ -79,6 +81,8 @@ class DVAELightningModule(L.LightningModule):
                 "ema_decay": ema_decay,
                 "seed": seed,
                 "usage_window": usage_window,
+                "decoder_finetune_from": decoder_finetune_from,
+                "decoder_finetune_lr": decoder_finetune_lr,
             }
         )
         self.model = DiscreteVAE(config)
@@ -94,9 +98,26 @@ class DVAELightningModule(L.LightningModule):
         """The model to save and tokenize with: the EMA weights if kept, else the trained ones."""
         return self.ema if self.ema is not None else self.model
 
+    def _decoder_phase(self, step: int) -> bool:
+        start = self.hparams.decoder_finetune_from
+        return start is not None and step >= start
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         x = batch.float().div(255.0) if batch.dtype == torch.uint8 else batch  # (B, 3, H, W)
         step = self.global_step
+        if self._decoder_phase(step):
+            # decoder only, from the tokens; the encoder gets no gradient, so AdamW leaves it alone
+            loss, reconstruction = self.model.token_reconstruction_loss(x)
+            lr = self.optimizers().param_groups[0]["lr"] if self._trainer else self.hparams.lr
+            self.log_dict(
+                {
+                    "train/loss": loss,
+                    "train/recon_loss": loss,
+                    "train/lr": lr,
+                    "train/psnr": psnr(reconstruction, x),
+                }
+            )
+            return loss
         temperature, kl_weight = self.config.temperature(step), self.config.kl_weight(step)
         generator = torch.Generator(device=x.device)
         generator.manual_seed(step_seed(self.hparams.seed, self.global_rank, step))
@@ -136,14 +157,21 @@ class DVAELightningModule(L.LightningModule):
             for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
                 e.lerp_(p.detach(), 1.0 - decay)
 
+    def _lr_factor(self, step: int) -> float:
+        """Learning rate at ``step`` over the peak: cosine-annealed, restarted for the decoder-only phase."""
+        h = self.hparams
+        if self._decoder_phase(step):
+            start = h.decoder_finetune_from
+            total = max(1, self.trainer.max_steps - start) if self._trainer else 1
+            return cosine_schedule(step - start, total, h.decoder_finetune_lr, h.lr_end) / h.lr
+        return cosine_schedule(step, h.lr_steps, h.lr, h.lr_end) / h.lr
+
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams
         optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=h.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=h.weight_decay
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: cosine_schedule(step, h.lr_steps, h.lr, h.lr_end) / h.lr
-        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

@@ -27,7 +27,8 @@ from dalle_lightning.data.image_stream import (
     consumer_items,
 )
 from dalle_lightning.data.transforms import to_tensor, to_uint8
-from dalle_lightning.models.dvae import load_dvae
+from dalle_lightning.models.dvae import DiscreteVAE, load_dvae
+from dalle_lightning.models.schedules import cosine_schedule
 from dalle_lightning.synth.checker import compare, read_shapes, summarise
 from dalle_lightning.synth.shapes import render
 from dalle_lightning.synth.shapes_dataset import ShapesConfig, make_example
@@ -255,6 +256,42 @@ def test_resumed_training_gives_the_same_weights(tmp_path):
     for key, value in exported.state_dict().items():
         assert torch.allclose(value, a[f"ema.{key}"]), key
     print(f"\nresume test: 6 steps + 3 + resumed 3 steps in {elapsed:.1f} s")
+
+
+@pytest.mark.timeout(180)
+def test_decoder_finetune_phase_trains_only_the_decoder_from_the_tokens(tmp_path):
+    shards = InMemoryImageShards(_numbered_images(40), rows_per_shard=8)
+    base = replace(MICRO, ema_decay=None)
+    first = train_dvae(replace(base, max_steps=3), shards=shards, out_dir=tmp_path / "a")
+    tuned = train_dvae(replace(base, decoder_finetune_steps=3), shards=shards, out_dir=tmp_path / "b")
+    a, b = (torch.load(r["checkpoint"], weights_only=False)["state_dict"] for r in (first, tuned))
+    for key in a:
+        if key.startswith("model.encoder."):
+            assert torch.equal(a[key], b[key]), key  # the first 3 updates alike, then frozen
+    assert not torch.equal(a["model.decoder.blocks.0.weight"], b["model.decoder.blocks.0.weight"])
+    with pytest.raises(ValueError, match="decoder_finetune_steps"):
+        replace(base, decoder_finetune_steps=6)
+
+
+def test_decoder_finetune_restarts_the_learning_rate():
+    module = DVAELightningModule(
+        MICRO.model, lr=1e-3, lr_end=1e-5, lr_steps=4, decoder_finetune_from=4, decoder_finetune_lr=5e-4
+    )
+    assert module._lr_factor(0) * 1e-3 == pytest.approx(1e-3)
+    assert module._lr_factor(3) * 1e-3 == pytest.approx(cosine_schedule(3, 4, 1e-3, 1e-5))
+    assert module._lr_factor(4) * 1e-3 == pytest.approx(5e-4)  # restarted
+
+
+def test_token_reconstruction_loss_only_reaches_the_decoder():
+    model = DiscreteVAE(MICRO.model)
+    x = torch.rand(2, 3, 16, 16)
+    loss, reconstruction = model.token_reconstruction_loss(x)
+    loss.backward()
+    assert reconstruction.shape == x.shape
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert all(p.grad is not None for p in model.decoder.parameters())
+    expected = model.decode_indices(model.get_codebook_indices(x))
+    torch.testing.assert_close(reconstruction, expected)
 
 
 @pytest.mark.timeout(180)
