@@ -245,6 +245,57 @@ def train_bpe(
     )
 
 
+@app.command("train-dalle")
+def train_dalle(
+    root: Annotated[str, typer.Option(help="Dataset root.")] = "data",
+    dataset: Annotated[str, typer.Option(help="Dataset name (tokens/<dvae>/<name>).")] = "default",
+    dvae: Annotated[
+        str | None,
+        typer.Option(
+            help="dVAE checkpoint path or MLflow URI whose tokens to train on [default: models:/dvae/latest]."
+        ),
+    ] = None,
+    dvae_version: Annotated[
+        str | None, typer.Option(help="Train on tokens/<version>/… without naming the dVAE model.")
+    ] = None,
+    bpe: Annotated[
+        str | None,
+        typer.Option(help="Caption BPE (tokenizer.json); default: the latest `train-bpe` of the dataset."),
+    ] = None,
+    preset: Annotated[str, typer.Option(help="tiny (CPU, minutes), small (one GPU) or paper.")] = "tiny",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Override a setting: train.max_steps=500, train.devices=4, model.n_layer=8"
+        ),
+    ] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "dalle-lightning",
+) -> None:
+    """Train the transformer on the dVAE tokens (flow `train_dalle`) and register it in MLflow as `dalle`."""
+    from dalle_lightning.config_overrides import load_sections
+    from flows.train_dalle import run_train_dalle
+
+    if dvae is None and dvae_version is None:
+        dvae = "models:/dvae/latest"
+    result = run_train_dalle(
+        root,
+        dataset=dataset,
+        dvae=dvae,
+        dvae_version=dvae_version,
+        bpe=bpe,
+        preset=preset,
+        overrides=load_sections(None, set_ or []),
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+    )
+    state = "trained" if result["did_work"] else "already trained (same config and data)"
+    typer.echo(f"DALL-E on dVAE {result['dvae_version']} tokens {state}: {result['model_path']}")
+    typer.echo(
+        f"registered as dalle version {result.get('registered_version')}; metrics {result.get('metrics')}"
+    )
+
+
 @app.command()
 def reconstruct(
     images: Annotated[list[Path], typer.Argument(help="Image files to encode and decode.")],

@@ -1,1 +1,9 @@
-"""Training: thin LightningModules (:mod:`.dvae_module`) and the runs that drive them (:mod:`.dvae_train`)."""
+"""Training: thin LightningModules and the runs that drive them.
+
+- dVAE: :mod:`.dvae_module` (loss, schedules, EMA, reconstruction grids) and
+  :mod:`.dvae_train` (:class:`~.dvae_train.DVAETrainConfig`, presets, ``train_dvae``, entry point);
+- transformer: :mod:`.dalle_module` (loss, AdamW with decay on matrices only,
+  warmup + cosine, caption dropout, EMA, sample grids) and :mod:`.dalle_train`
+  (:class:`~.dalle_train.DalleTrainConfig`, presets, ``train_dalle``,
+  ``save_dalle`` / ``load_dalle``, entry point for DDP / FSDP launches).
+"""
