@@ -27,6 +27,8 @@ def prefect_api() -> Iterator[str | None]:
         return
     from prefect.server.api.server import SubprocessASGIServer
 
+    # the local server has no reason to phone home (and no internet to do it with)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     server = SubprocessASGIServer()
     server.start(timeout=120)
     os.environ["PREFECT_API_URL"] = server.api_url  # inherited by Dask worker processes started later

@@ -347,6 +347,8 @@ def train_dalle(
         logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=run_id)
         logger.log_hyperparams(config.flat_params())
     checkpoints = out / "checkpoints"
+    from dalle_lightning.training.progress import StepProgress
+
     trainer_callbacks = [
         ModelCheckpoint(
             dirpath=checkpoints,
@@ -356,6 +358,7 @@ def train_dalle(
             save_last=True,
             auto_insert_metric_name=False,
         ),
+        StepProgress("dalle"),
         *(callbacks or []),
     ]
     grid = _sample_grid(config, shards, tokenizer, dvae_path, out / "samples", SampleGrid)

@@ -210,6 +210,7 @@ def train_dvae(
     from dalle_lightning.data.image_stream import ImageStreamDataModule
     from dalle_lightning.models.dvae import save_dvae
     from dalle_lightning.training.dvae_module import DVAELightningModule, ReconstructionGrid
+    from dalle_lightning.training.progress import StepProgress
 
     if shards is None:
         shards = _filtered_shards(data_root, dataset)
@@ -257,6 +258,7 @@ def train_dvae(
             auto_insert_metric_name=False,
         ),
         ReconstructionGrid(out / "reconstructions", config.recon_every_n_steps, config.recon_images),
+        StepProgress("dvae"),
     ]
     devices = (
         int(config.devices)

@@ -358,24 +358,13 @@ def test_module_entry_point_trains_from_the_filtered_dataset(tmp_path):
         train_dvae(MICRO, data_root=str(tmp_path / "data"), dataset="missing", out_dir=tmp_path / "x")
 
 
-@pytest.mark.slow  # not yet within the 2-minute CPU budget of issue 3 (work in progress): run with -m slow
+@pytest.mark.slow  # the 95 % target is not reached yet within the CPU budget (issue 3): run with -m slow
 @pytest.mark.timeout(600)
 def test_tiny_dvae_overfits_64_shapes_images_so_the_checker_reads_them_back(tmp_path):
     """The issue's learning test: ≥ 95 % of the token reconstructions read back as the ground truth."""
     torch.set_num_threads(2)
-    config = load_preset("tiny")
+    config = replace(load_preset("tiny"), recon_every_n_steps=10_000, checkpoint_every_n_steps=10_000)
     images, truths = _shapes(64, config.model.image_size)
-    steps = 500
-    config = replace(
-        config,
-        max_steps=steps,
-        lr_steps=steps,
-        batch_size=32,
-        model=replace(config.model, temperature_steps=int(0.8 * steps), kl_weight_steps=steps // 10),
-        num_workers=0,
-        recon_every_n_steps=steps,
-        checkpoint_every_n_steps=steps,
-    )
     start = time.perf_counter()
     result = train_dvae(config, shards=InMemoryImageShards(images, rows_per_shard=64), out_dir=tmp_path)
     elapsed = time.perf_counter() - start
@@ -383,5 +372,5 @@ def test_tiny_dvae_overfits_64_shapes_images_so_the_checker_reads_them_back(tmp_
     x = to_tensor(images)
     reconstructions = to_uint8(model.decode_indices(model.get_codebook_indices(x)))
     rates = summarise([compare(read_shapes(r), t) for r, t in zip(reconstructions, truths, strict=True)])
-    print(f"\nlearning test: {steps} steps in {elapsed:.0f} s, checker agreement {rates}")
+    print(f"\nlearning test: {config.max_steps} steps in {elapsed:.0f} s, checker agreement {rates}")
     assert rates["all"] >= 0.95, rates
