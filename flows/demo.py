@@ -1,4 +1,5 @@
-"""``dalle demo`` / ``make demo``: synthetic shapes → loopback image server → ``ingest`` → ``train_dvae`` → ``tokenize``.
+"""``dalle demo`` / ``make demo``: synthetic shapes → loopback server → ``ingest`` → ``train_dvae`` → ``tokenize``
+→ ``train_bpe`` → ``train_dalle``.
 
 Everything lives under one folder (default ``demo-data/``): the images, the
 dataset root, Prefect's ephemeral database (``PREFECT_HOME``) and the MLflow
@@ -27,6 +28,11 @@ def _environment(out: Path) -> tuple[str, Path]:
     return tracking_uri, Path(os.environ.get("PREFECT_HOME", prefect_home))
 
 
+def _metrics_line(metrics: dict[str, Any]) -> str:
+    """``name value, …`` of the numeric metrics, 3 significant digits."""
+    return ", ".join(f"{k} {v:.3g}" for k, v in sorted(metrics.items()) if isinstance(v, int | float))
+
+
 def run_demo(
     out: Path,
     *,
@@ -36,6 +42,9 @@ def run_demo(
     workers: int = 2,
     dvae_preset: str = "tiny",
     dvae_overrides: dict[str, dict[str, Any]] | None = None,
+    dalle_preset: str = "tiny",
+    dalle_overrides: dict[str, dict[str, Any]] | None = None,
+    bpe_vocab_size: int = 1024,
 ) -> dict:
     """Run the demo end to end and print the counts and how to look at the results."""
     console = Console()
@@ -43,25 +52,28 @@ def run_demo(
     tracking_uri, prefect_home = _environment(out)
 
     from dalle_lightning.serving.image_server import ImageServer, url_list_for_folder
+    from dalle_lightning.stages.bpe import BPEConfig
     from dalle_lightning.synth.shapes_dataset import ShapesConfig, write_shapes_dataset
     from flows.ingest import run_ingest
     from flows.prefect_api import prefect_api
     from flows.summary import print_ingest_summary
     from flows.tokenize import run_tokenize
+    from flows.train_bpe import train_bpe
+    from flows.train_dalle import train_dalle
     from flows.train_dvae import train_dvae
 
     root = str(out / "data")
     shapes_dir = out / "shapes"
     if (shapes_dir / "shapes.parquet").exists():
-        console.print(f"[1/5] synth: reusing {shapes_dir}")
+        console.print(f"[1/7] synth: reusing {shapes_dir}")
     else:
-        console.print(f"[1/5] synth: rendering {n} shapes images at {size}px into {shapes_dir}")
+        console.print(f"[1/7] synth: rendering {n} shapes images at {size}px into {shapes_dir}")
         write_shapes_dataset(str(shapes_dir), ShapesConfig(n=n, size=size, seed=0))
     with prefect_api(), ImageServer(str(shapes_dir), port=port) as server:
         urls = out / "urls.parquet"
         url_list_for_folder(server, str(urls))
-        console.print(f"[2/5] serve: {shapes_dir} at {server.base_url}")
-        console.print("[3/5] ingest: download (img2dataset on Dask) → filter + dedup")
+        console.print(f"[2/7] serve: {shapes_dir} at {server.base_url}")
+        console.print("[3/7] ingest: download (img2dataset on Dask) → filter + dedup")
         summary = run_ingest(
             root,
             n_workers=workers,
@@ -72,7 +84,7 @@ def run_demo(
             experiment="dalle-demo",
         )
         print_ingest_summary(summary, console)
-        console.print(f"[4/5] train_dvae: the {dvae_preset!r} dVAE on filter/shapes (its own process)")
+        console.print(f"[4/7] train_dvae: the {dvae_preset!r} dVAE on filter/shapes (its own process)")
         dvae = train_dvae(
             root,
             dataset="shapes",
@@ -83,9 +95,9 @@ def run_demo(
         )
         console.print(
             f"      dVAE {dvae['dvae_version']} ({'trained' if dvae['did_work'] else 'reused'}): "
-            + ", ".join(f"{k} {v:.3g}" for k, v in sorted(dvae["metrics"].items()))
+            + _metrics_line(dvae["metrics"])
         )
-        console.print("[5/5] tokenize: filtered images → dVAE codes (Parquet)")
+        console.print("[5/7] tokenize: filtered images → dVAE codes (Parquet)")
         tokens = run_tokenize(
             root,
             n_workers=workers,
@@ -98,12 +110,38 @@ def run_demo(
         console.print(
             f"      {tokens['rows']} images in {tokens['shards']} shards ({work}) → {tokens['path']}"
         )
+        console.print("[6/7] train_bpe: byte-level BPE on the filtered captions")
+        bpe = train_bpe(
+            root,
+            dataset="shapes",
+            config=BPEConfig(vocab_size=bpe_vocab_size),
+            tracking_uri=tracking_uri,
+            experiment="dalle-demo",
+        )
+        console.print(f"      BPE {bpe['bpe_fingerprint']} ({'trained' if bpe['did_work'] else 'reused'})")
+        console.print(f"[7/7] train_dalle: the {dalle_preset!r} transformer on the codes (its own process)")
+        dalle = train_dalle(
+            root,
+            dataset="shapes",
+            dvae=dvae["model_path"],
+            preset=dalle_preset,
+            overrides=dalle_overrides or {},
+            tracking_uri=tracking_uri,
+            experiment="dalle-demo",
+        )
+        console.print(
+            f"      DALL-E model ({'trained' if dalle['did_work'] else 'reused'}): "
+            + _metrics_line(dalle.get("metrics", {}))
+        )
     summary["dvae"] = dvae
     summary["tokens"] = tokens
+    summary["bpe"] = bpe
+    summary["dalle"] = dalle
     elapsed = time.monotonic() - started
     lines = [
         f"demo finished in {elapsed:.1f}s; dataset under {out / 'data'}",
         f"  reconstructions: dalle reconstruct IMAGE… --dvae {dvae['model_path']}",
+        f"  transformer:     {dalle.get('model_path')}",
         "look at the results:",
         f"  Prefect UI:  PREFECT_HOME={prefect_home.resolve()} prefect server start  → http://127.0.0.1:4200",
         f"  MLflow UI:   mlflow ui --backend-store-uri {tracking_uri} --port 5000  → http://127.0.0.1:5000",

@@ -22,7 +22,7 @@ class CheckpointModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         self.checkpoint = context.artifacts["checkpoint"]
 
-    def predict(self, context: Any, model_input: list[Any], params: dict | None = None) -> Any:
+    def predict(self, context: Any, model_input: list[str], params: dict | None = None) -> Any:
         raise NotImplementedError("load the checkpoint with the project's loader (e.g. load_dvae) instead")
 
 
