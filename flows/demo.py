@@ -28,9 +28,13 @@ def _environment(out: Path) -> tuple[str, Path]:
     return tracking_uri, Path(os.environ.get("PREFECT_HOME", prefect_home))
 
 
+SHOWN_METRICS = ("loss", "recon_loss", "text_loss", "image_loss", "psnr", "codebook_usage", "perplexity")
+
+
 def _metrics_line(metrics: dict[str, Any]) -> str:
-    """``name value, …`` of the numeric metrics, 3 significant digits."""
-    return ", ".join(f"{k} {v:.3g}" for k, v in sorted(metrics.items()) if isinstance(v, int | float))
+    """``name value, …`` of the main final training metrics, 3 significant digits."""
+    values = {k.split("/")[-1]: v for k, v in metrics.items() if isinstance(v, int | float)}
+    return ", ".join(f"{k} {values[k]:.3g}" for k in SHOWN_METRICS if k in values)
 
 
 def run_demo(
