@@ -20,6 +20,7 @@ MICRO = {
     },
     "train": {
         "max_steps": 6,
+        "decoder_finetune_steps": 2,
         "batch_size": 4,
         "lr_steps": 6,
         "log_every_n_steps": 1,
