@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from data_schemas import downloaded, filtered, image_hashes, rejects, shapes, sources, tokens
+from data_schemas import downloaded, embeddings, filtered, image_hashes, rejects, shapes, sources, tokens
 from data_schemas.base import SchemaError, schema_identity
 
 MODULES: dict[str, ModuleType] = {
-    m.NAME: m for m in (sources, downloaded, filtered, rejects, image_hashes, shapes, tokens)
+    m.NAME: m for m in (sources, downloaded, filtered, rejects, image_hashes, shapes, tokens, embeddings)
 }
 
 
@@ -24,6 +24,7 @@ __all__ = [
     "MODULES",
     "SchemaError",
     "downloaded",
+    "embeddings",
     "filtered",
     "image_hashes",
     "module_for",

@@ -211,6 +211,77 @@ def tokenize(
     )
 
 
+@app.command()
+def embed(
+    root: Annotated[str, typer.Option(help="Dataset root.")] = "data",
+    dataset: Annotated[str, typer.Option(help="Dataset name (filter/<name>).")] = "default",
+    clip: Annotated[
+        str, typer.Option(help="CLIP checkpoint path or MLflow URI (models:/clip/3).")
+    ] = "models:/clip/latest",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a setting: embed.batch_size=512")
+    ] = None,
+    dask_address: Annotated[
+        str | None, typer.Option(help="Existing Dask scheduler (default: a LocalCluster).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes of the local Dask cluster.")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "dalle-lightning",
+) -> None:
+    """Embed the filtered images and captions with a CLIP (flow `embed`): only shards not yet done with it."""
+    from dalle_lightning.config_overrides import build, load_sections
+    from dalle_lightning.stages.embed import EmbedConfig
+    from flows.embed import run_embed
+
+    sections = load_sections(None, set_ or [])
+    unknown = set(sections) - {"embed"}
+    if unknown:
+        raise typer.BadParameter(f"unknown config section(s) {sorted(unknown)}; expected embed")
+    summary = run_embed(
+        root,
+        dask_address=dask_address,
+        n_workers=workers,
+        dataset=dataset,
+        clip=clip,
+        config=build(EmbedConfig, sections.get("embed", {}), "embed"),
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+    )
+    work = ", ".join(f"{k} {v}" for k, v in sorted(summary["work"]["embed"].items()))
+    typer.echo(
+        f"embedded {summary['rows']} images in {summary['shards']} shards ({work}) -> {summary['path']}"
+    )
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help='What to look for, in words: "a red circle".')],
+    k: Annotated[int, typer.Option(help="Number of results.", min=1)] = 16,
+    root: Annotated[str, typer.Option(help="Dataset root.")] = "data",
+    dataset: Annotated[str, typer.Option(help="Dataset name (embeddings/<clip>/<name>).")] = "default",
+    clip: Annotated[
+        str, typer.Option(help="CLIP checkpoint path or MLflow URI the embeddings were made with.")
+    ] = "models:/clip/latest",
+    out: Annotated[Path | None, typer.Option(help="Write the hits' images as a PNG grid here.")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (for models:/ URIs).")] = None,
+) -> None:
+    """Find the dataset's images that best match QUERY by their CLIP embeddings (made by `dalle embed`)."""
+    from dalle_lightning.search.index import ImageSearch
+    from flows import tracking
+    from flows.models_registry import resolve_checkpoint
+
+    if clip.startswith(("models:/", "runs:/")):
+        tracking.setup(tracking_uri)
+    searcher = ImageSearch.from_clip(root, dataset, resolve_checkpoint(clip))
+    hits = searcher.search(query, k)
+    typer.echo(f"{'rank':>4}  {'score':>7}  {'key':<24}  caption  [url]")
+    for rank, hit in enumerate(hits, 1):
+        typer.echo(f"{rank:>4}  {hit.score:7.4f}  {hit.key:<24}  {hit.caption}  [{hit.url}]")
+    if out is not None and hits:
+        searcher.grid_png(hits, out)
+        typer.echo(f"wrote {out} ({len(hits)} images)")
+
+
 @app.command("train-bpe")
 def train_bpe(
     root: Annotated[str, typer.Option(help="Dataset root.")] = "data",
@@ -296,6 +367,44 @@ def train_dalle(
     )
 
 
+@app.command("train-clip")
+def train_clip(
+    root: Annotated[str, typer.Option(help="Dataset root.")] = "data",
+    dataset: Annotated[
+        str, typer.Option(help="Dataset name (filter/<name>: its images and captions).")
+    ] = "default",
+    bpe: Annotated[
+        str | None,
+        typer.Option(help="Caption BPE (tokenizer.json); default: the latest `train-bpe` of the dataset."),
+    ] = None,
+    preset: Annotated[str, typer.Option(help="tiny (CPU, minutes) or small (one GPU).")] = "tiny",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a setting: train.max_steps=500, model.vision_layers=4"),
+    ] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "dalle-lightning",
+) -> None:
+    """Train CLIP on the filtered images and captions (flow `train_clip`) and register it in MLflow as `clip`."""
+    from dalle_lightning.config_overrides import load_sections
+    from flows.train_clip import run_train_clip
+
+    result = run_train_clip(
+        root,
+        dataset=dataset,
+        bpe=bpe,
+        preset=preset,
+        overrides=load_sections(None, set_ or []),
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+    )
+    state = "trained" if result["did_work"] else "already trained (same config, data and BPE)"
+    typer.echo(f"CLIP {state}: {result['model_path']}")
+    typer.echo(
+        f"registered as clip version {result.get('registered_version')}; metrics {result.get('metrics')}"
+    )
+
+
 @app.command()
 def reconstruct(
     images: Annotated[list[Path], typer.Argument(help="Image files to encode and decode.")],
@@ -337,10 +446,226 @@ def demo(
     ] = 8765,
     workers: Annotated[int, typer.Option(help="Dask worker processes.")] = 2,
 ) -> None:
-    """synth shapes → serve over loopback → ingest, on embedded defaults (no server to start)."""
+    """synth shapes → serve over loopback → ingest → dVAE → tokenize → BPE → transformer (embedded defaults)."""
     from flows.demo import run_demo
 
     run_demo(out, n=n, size=size, port=port, workers=workers)
+
+
+@app.command()
+def generate(
+    caption: Annotated[
+        str, typer.Argument(help='What to draw, in words: "a red circle above a blue square".')
+    ],
+    dalle: Annotated[
+        str,
+        typer.Option(help="DALL-E checkpoint path or MLflow URI (models:/dalle@champion, models:/dalle/1)."),
+    ] = "models:/dalle/latest",
+    clip: Annotated[
+        str, typer.Option(help="CLIP checkpoint path or MLflow URI that reranks the samples.")
+    ] = "models:/clip/latest",
+    dvae: Annotated[
+        str | None,
+        typer.Option(
+            help="dVAE path or MLflow URI [default: the registered dVAE the DALL-E was trained on]."
+        ),
+    ] = None,
+    bpe: Annotated[
+        str | None,
+        typer.Option(
+            help="The DALL-E's caption BPE (tokenizer.json) [default: the one its training logged]."
+        ),
+    ] = None,
+    n: Annotated[int, typer.Option(help="Samples to draw (the paper reranks 512).", min=1)] = 64,
+    top: Annotated[int, typer.Option(help="Best samples to keep in the grid.", min=1)] = 8,
+    out: Annotated[Path, typer.Option(help="Grid PNG: the best samples with their CLIP scores.")] = Path(
+        "grid.png"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of the sampling noise.", min=0)] = 0,
+    temperature: Annotated[float, typer.Option(help="Divides the logits; 0 is greedy.")] = 1.0,
+    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely codes only.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Sample from the top-p nucleus only.")] = None,
+    cond_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale (1: none).")] = 1.0,
+    batch_size: Annotated[int, typer.Option(help="Sequences sampled at once.", min=1)] = 16,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1… or auto.")] = "auto",
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (for models:/ URIs).")] = None,
+) -> None:
+    """Draw N images for CAPTION, rerank them with CLIP and write the best as a grid with their scores."""
+    import mlflow
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from dalle_lightning.generation.sampling import SamplingConfig
+    from flows import tracking
+    from flows.generate import generate_grid, load_models
+
+    if top > n:
+        raise typer.BadParameter(f"--top {top} is more than --n {n} samples")
+    try:
+        sampling = SamplingConfig(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            cond_scale=cond_scale,
+            batch_size=batch_size,
+            seed=seed,
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    mlflow.set_tracking_uri(tracking.resolve_tracking_uri(tracking_uri))
+    models = load_models(dalle, clip, dvae, bpe, device)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns) as progress:
+        bar = progress.add_task(f"sampling {n} images (codes)", total=n * models.dalle.config.image_len)
+        ranked, path = generate_grid(
+            models,
+            caption,
+            out,
+            n=n,
+            top=top,
+            sampling=sampling,
+            progress=lambda done, total: progress.update(bar, completed=done, total=total),
+        )
+        progress.update(bar, completed=progress.tasks[bar].total)
+    typer.echo(f"wrote {path}: the best {top} of {n} samples for {caption!r}")
+    typer.echo(f"{'rank':>4}  {'score':>7}  sample")
+    for rank, (score, index) in enumerate(zip(ranked.scores[:top], ranked.order[:top], strict=True), 1):
+        typer.echo(f"{rank:>4}  {score:7.4f}  {index}")
+
+
+@app.command()
+def evaluate(
+    dalle: Annotated[
+        str,
+        typer.Option(help="DALL-E checkpoint path or MLflow URI (models:/dalle@champion, models:/dalle/1)."),
+    ] = "models:/dalle/latest",
+    clip: Annotated[
+        str, typer.Option(help="CLIP checkpoint path or MLflow URI (reranks, scores, FID features).")
+    ] = "models:/clip/latest",
+    dvae: Annotated[
+        str | None,
+        typer.Option(
+            help="dVAE path or MLflow URI [default: the registered dVAE the DALL-E was trained on]."
+        ),
+    ] = None,
+    bpe: Annotated[
+        str | None,
+        typer.Option(
+            help="The DALL-E's caption BPE (tokenizer.json) [default: the one its training logged]."
+        ),
+    ] = None,
+    captions: Annotated[
+        str,
+        typer.Option(
+            help="Caption set: shapes (generator, fixed seed) or filter (fixed sample of a dataset)."
+        ),
+    ] = "shapes",
+    count: Annotated[int, typer.Option(help="Captions in the set.", min=1)] = 64,
+    n_max: Annotated[
+        int, typer.Option(help="Samples per caption (the curve runs N = 1, 2, 4 … n-max).", min=1)
+    ] = 64,
+    root: Annotated[str | None, typer.Option(help="Dataset root (for --captions filter).")] = None,
+    dataset: Annotated[
+        str, typer.Option(help="Dataset name (filter/<name>, for --captions filter).")
+    ] = "default",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Override a setting: sampling.temperature=0.9, eval.accuracy_ns=[1,4,16], captions.seed=7",
+        ),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Also keep the grids and per-caption scores here.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1… or auto.")] = "auto",
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "dalle-lightning",
+) -> None:
+    """Evaluate a DALL-E on a fixed caption set (flow `evaluate`): CLIP-score curve, FID, shapes accuracy."""
+    import dataclasses
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from dalle_lightning.config_overrides import build, load_sections
+    from dalle_lightning.evaluation.eval_sets import EvalSetConfig
+    from dalle_lightning.evaluation.evaluate import EvalConfig
+    from dalle_lightning.generation.sampling import SamplingConfig
+    from flows.evaluate import run_evaluate
+
+    sections = load_sections(None, set_ or [])
+    unknown = set(sections) - {"eval", "sampling", "captions"}
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown config section(s) {sorted(unknown)}; expected eval, sampling, captions"
+        )
+    try:
+        caption_set = build(
+            EvalSetConfig,
+            {"source": captions, "count": count, "dataset": dataset, **sections.get("captions", {})},
+            "captions",
+        )
+        config = build(EvalConfig, {"n_max": n_max, **sections.get("eval", {})}, "eval")
+        config = dataclasses.replace(
+            config, sampling=build(SamplingConfig, sections.get("sampling", {}), "sampling")
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    if caption_set.source == "filter" and root is None:
+        raise typer.BadParameter("--captions filter needs --root (the dataset root to sample)")
+    result = run_evaluate(
+        dalle=dalle,
+        clip=clip,
+        dvae=dvae,
+        bpe=bpe,
+        root=root,
+        captions=caption_set,
+        config=config,
+        out_dir=str(out) if out is not None else None,
+        device=device,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+    )
+    metrics = result["metrics"]
+    table = Table(title=f"evaluation on caption set {result['eval_set_fingerprint']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("± stderr", justify="right")
+    for name in sorted(k for k in metrics if not k.endswith("_stderr")):
+        stderr = metrics.get(f"{name}_stderr")
+        table.add_row(name, f"{metrics[name]:.4f}", "" if stderr is None else f"{stderr:.4f}")
+    Console().print(table)
+    typer.echo(f"MLflow run {result['mlflow_run_id']}; grids at {result['artifact_uri']}")
+
+
+@app.command()
+def compare(
+    metric: Annotated[
+        str, typer.Option(help="Metric to sort by: clip_score_n64, fid, shapes_accuracy_heldout_n16…")
+    ],
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "dalle-lightning",
+    top: Annotated[int, typer.Option(help="Runs to show.", min=1)] = 20,
+    ascending: Annotated[
+        bool | None,
+        typer.Option(
+            "--ascending/--descending",
+            help="Sort order [default: ascending for fid*/loss*, else descending].",
+        ),
+    ] = None,
+    columns: Annotated[
+        list[str] | None, typer.Option("--column", help="Another metric to show (repeat for more).")
+    ] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
+) -> None:
+    """List the runs of an MLflow experiment that logged METRIC, best first, as a table."""
+    from flows.evaluate import compare_runs, print_comparison
+
+    try:
+        rows = compare_runs(experiment, metric, top=top, ascending=ascending, tracking_uri=tracking_uri)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    if not rows:
+        typer.echo(f"no run of experiment {experiment!r} logged {metric!r}")
+        return
+    print_comparison(rows, metric, columns)
 
 
 def main() -> None:  # pragma: no cover - console entry

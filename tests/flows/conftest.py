@@ -59,3 +59,57 @@ def _filtered_dataset(root: Path, name: str, shards: int = 2, per_shard: int = 6
             shard_id=shard_id,
             input_fingerprint="in",
         )
+
+
+@pytest.fixture
+def tiny_generation_models(tmp_path) -> dict[str, str]:
+    """A BPE, a DALL-E (8×8 codes), a 32 px dVAE and a CLIP, untrained, saved the way training exports them."""
+    clip_module = pytest.importorskip("dalle_lightning.models.clip")
+    if not hasattr(clip_module, "save_clip"):
+        pytest.skip("dalle_lightning.models.clip has no save_clip yet")
+    import torch
+
+    from dalle_lightning.evaluation.eval_sets import EvalSetConfig, shapes_eval_set
+    from dalle_lightning.models.dvae import DiscreteVAE, DVAEConfig, save_dvae
+    from dalle_lightning.models.transformer import DalleConfig, DalleTransformer
+    from dalle_lightning.stages.bpe import BPEConfig, save_bpe, train_bpe
+    from dalle_lightning.training.dalle_train import save_dalle
+
+    captions = shapes_eval_set(EvalSetConfig(count=40, seed=99), image_size=32).captions
+    tokenizer = train_bpe(captions, BPEConfig(vocab_size=300, min_frequency=1))
+    vocab = tokenizer.get_vocab_size()
+    torch.manual_seed(0)
+    dalle = DalleTransformer(
+        DalleConfig(
+            text_len=10,
+            text_vocab=vocab,
+            image_vocab=32,
+            grid_size=8,
+            n_layer=2,
+            n_head=2,
+            n_embd=16,
+            conv_kernel=3,
+        )
+    )
+    dvae = DiscreteVAE(DVAEConfig(image_size=32, n_hid=8, n_blk_per_group=1, group_count=3, vocab_size=32))
+    clip = clip_module.ClipModel(
+        clip_module.ClipConfig(
+            image_size=16,
+            patch_size=8,
+            vision_width=16,
+            vision_layers=1,
+            vision_heads=2,
+            text_len=10,
+            text_vocab=vocab,
+            text_width=16,
+            text_layers=1,
+            text_heads=2,
+            embed_dim=8,
+        )
+    )
+    return {
+        "bpe": save_bpe(tokenizer, str(tmp_path / "bpe" / "tokenizer.json")),
+        "dalle": str(save_dalle(dalle, tmp_path / "dalle" / "dalle.pt")),
+        "dvae": str(save_dvae(dvae, tmp_path / "dvae" / "dvae.pt")),
+        "clip": str(clip_module.save_clip(clip, tmp_path / "clip" / "clip.pt", tokenizer)),
+    }

@@ -1,0 +1,1 @@
+"""Natural-language search over a dataset's images by their CLIP embeddings (``dalle search``)."""

@@ -1,0 +1,145 @@
+"""Acceptance (issue 5): for "a red circle" on ``shapes``, >= 90 % of the top 16 hits are red circles by the checker.
+
+A tiny CLIP is trained with the project's own trainer on 2,000 rendered 32 px
+``shapes`` images (every colour–shape pairing in training: this measures
+search, not zero-shot composition), 500 other images are embedded by the embed
+stage, and the hits of ``ImageSearch.search`` are read back from the ``filter``
+dataset and judged by :func:`dalle_lightning.synth.checker.read_shapes`, which
+is right on all four attributes of 100 % of such images.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+
+import data_schemas.filtered as filtered_schema
+from dalle_lightning.data.transforms import decode_image
+from dalle_lightning.datasets.layout import DatasetLayout, part_name, shard_id_of
+from dalle_lightning.datasets.parquet_io import list_parts, write_parquet_atomic
+from dalle_lightning.models.clip import load_clip
+from dalle_lightning.search.index import ImageSearch
+from dalle_lightning.stages.bpe import BPEConfig, read_captions, train_bpe
+from dalle_lightning.stages.embed import EmbedConfig, clip_version, embed_shard, write_embeddings
+from dalle_lightning.synth.checker import read_shapes
+from dalle_lightning.synth.shapes import render
+from dalle_lightning.synth.shapes_dataset import ShapesConfig, make_example
+
+pytest.importorskip("faiss", reason="faiss-cpu is not installed (the `search` extra)")
+
+# slow: about two minutes on one CPU thread. Not yet passing: the `tiny` CLIP preset trained for ~90 s
+# ranks red objects first but does not tell circles from squares and triangles (6/16 hits).
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
+
+SIZE = 32
+TRAIN_IMAGES = 2000
+SEARCH_IMAGES = 500
+K = 16
+QUERY = "a red circle"
+TRAIN_SECONDS = 90  # the budget the issue gives the tiny CLIP's training on one CPU thread
+
+
+def _train_clip():
+    """The project's CLIP trainer, or a skip while it is not written yet."""
+    try:
+        from dalle_lightning.training import clip_train
+    except ImportError:
+        pytest.skip("clip training not available")
+    if not hasattr(clip_train, "train_clip"):
+        pytest.skip("clip training not available")
+    return clip_train
+
+
+def _write_filtered(root: str, name: str, n: int, seed: int, shards: int) -> None:
+    """``filter/<name>``: ``n`` 32 px shapes images (JPEG 95, as ingest keeps them) in ``shards`` shards."""
+    layout = DatasetLayout(root)
+    config = ShapesConfig(n=n, size=SIZE, seed=seed, heldout_fraction=0.0, heldout_images=0.0)
+    per_shard = -(-n // shards)
+    for s in range(shards):
+        shard_id = f"{seed:04x}{s:08x}"
+        rows = []
+        for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
+            scene, caption, _ = make_example(config, i)
+            buffer = io.BytesIO()
+            render(scene, SIZE).save(buffer, format="JPEG", quality=95)
+            rows.append(
+                {
+                    "key": f"{shard_id}-{i:06d}",
+                    "url": f"http://127.0.0.1/{name}/{i}.png",
+                    "caption": caption,
+                    "image": buffer.getvalue(),
+                    "width": SIZE,
+                    "height": SIZE,
+                    "original_width": SIZE,
+                    "original_height": SIZE,
+                    "sha256": f"{seed:x}-{i}".ljust(64, "0"),
+                    "phash": i,
+                    "caption_len": len(caption),
+                }
+            )
+        table = pa.Table.from_pylist(rows, schema=filtered_schema.SCHEMA)
+        write_parquet_atomic(table, layout.shard("filter", name, shard_id), filtered_schema)
+
+
+def test_red_circle_search_on_shapes(tmp_path):
+    clip_train = _train_clip()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        root = str(tmp_path / "root")
+        _write_filtered(root, "train", TRAIN_IMAGES, seed=10, shards=4)
+        _write_filtered(root, "search", SEARCH_IMAGES, seed=11, shards=2)
+
+        start = time.perf_counter()
+        clip_path, steps = _train_tiny_clip(clip_train, root, tmp_path / "clip")
+        train_seconds = time.perf_counter() - start
+
+        model, tokenizer = load_clip(clip_path)
+        assert model.config.image_size == SIZE
+        version = clip_version(clip_path)
+        layout = DatasetLayout(root)
+        for path in list_parts(layout.dataset("filter", "search")):
+            table = embed_shard(path, model, tokenizer, EmbedConfig(device="cpu"), clip_version=version)
+            write_embeddings(
+                table, layout.join("embeddings", version, "search", part_name(shard_id_of(path)))
+            )
+
+        searcher = ImageSearch.from_clip(root, "search", clip_path)
+        hits = searcher.search(QUERY, K)
+        images = searcher.index.image_bytes(hits)
+    finally:
+        torch.set_num_threads(threads)
+
+    found = [read_shapes(decode_image(data)) for data in images]
+    good = [any(o.colour == "red" and o.shape == "circle" for o in objects) for objects in found]
+    report = "\n".join(
+        f"{'ok ' if g else 'BAD'} {h.score:.3f} {h.caption!r} read as {[(o.colour, o.shape) for o in objs]}"
+        for g, h, objs in zip(good, hits, found, strict=True)
+    )
+    print(
+        f"\n{steps} steps in {train_seconds:.1f} s; {sum(good)}/{K} hits for {QUERY!r} are red circles:\n{report}"
+    )
+    assert sum(good) >= 0.9 * K, f"{sum(good)}/{K} hits for {QUERY!r} are red circles:\n{report}"
+    assert train_seconds < 1.5 * TRAIN_SECONDS, f"training took {train_seconds:.0f} s"
+
+
+def _train_tiny_clip(clip_train, root: str, out_dir: Path) -> tuple[str, int]:
+    """The ``tiny`` preset on the CPU, trained on ``filter/train`` with a BPE of its captions; (clip.pt, steps)."""
+    captions = list(read_captions(list_parts(DatasetLayout(root).dataset("filter", "train"))))
+    tokenizer = train_bpe(captions, BPEConfig(vocab_size=512))
+    config = clip_train.load_preset("tiny")
+    config = replace(
+        config,
+        accelerator="cpu",
+        devices=1,
+        checkpoint_every_n_steps=10_000,
+        model=replace(config.model, text_vocab=tokenizer.get_vocab_size()),
+    )
+    result = clip_train.train_clip(config, bpe=tokenizer, data_root=root, dataset="train", out_dir=out_dir)
+    return str(result["model_path"]), int(result["steps"])
