@@ -95,3 +95,31 @@ def load_sections(config_file: str | Path | None, overrides: list[str]) -> dict[
     for section, fields in parse_overrides(overrides).items():
         sections.setdefault(section, {}).update(fields)
     return sections
+
+
+def train_config_from_yaml(cls: type, text: str, where: str = "YAML") -> Any:
+    """A training config ``cls`` (a ``model`` field + training fields, with ``from_dict``) from YAML text
+    with ``model:`` and ``train:`` sections; unknown sections or fields are a ``ValueError`` naming ``where``."""
+    loaded = yaml.safe_load(text) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{where}: expected a mapping with model: and train: sections")
+    unknown = sorted(set(loaded) - {"model", "train"})
+    if unknown:
+        raise ValueError(f"{where}: unknown section(s) {unknown}; sections are ['model', 'train']")
+    train = dict(loaded.get("train") or {})
+    if "model" in train:
+        raise ValueError(f"{where}: 'model' belongs in its own section, not under train:")
+    try:
+        return cls.from_dict({"model": loaded.get("model") or {}, **train})
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+
+
+def load_train_preset(cls: type, family: str, label: str, name: str, presets: tuple[str, ...]) -> Any:
+    """The checked-in preset ``dalle_lightning/presets/<family>/<name>.yaml`` as a ``cls`` training config."""
+    from importlib import resources
+
+    if name not in presets:
+        raise ValueError(f"unknown {label} preset {name!r}; presets are {list(presets)}")
+    text = resources.files("dalle_lightning").joinpath("presets", family, f"{name}.yaml").read_text()
+    return train_config_from_yaml(cls, text, where=f"preset {name!r}")

@@ -24,15 +24,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
 import torch
 import typer
-import yaml
 
-from dalle_lightning.config_overrides import build
+from dalle_lightning.config_overrides import build, load_train_preset, train_config_from_yaml
 from dalle_lightning.models.transformer import DalleConfig, DalleTransformer
 
 PRESETS = ("tiny", "small", "paper")
@@ -185,27 +183,12 @@ def load_preset(name: str) -> DalleTrainConfig:
     ``train:`` section (the other :class:`DalleTrainConfig` fields); unknown
     sections or fields are a ``ValueError``.
     """
-    if name not in PRESETS:
-        raise ValueError(f"unknown DALL-E preset {name!r}; presets are {list(PRESETS)}")
-    text = resources.files("dalle_lightning").joinpath("presets", "dalle", f"{name}.yaml").read_text()
-    return config_from_yaml(text, where=f"preset {name!r}")
+    return load_train_preset(DalleTrainConfig, "dalle", "DALL-E", name, PRESETS)
 
 
 def config_from_yaml(text: str, where: str = "YAML") -> DalleTrainConfig:
     """A :class:`DalleTrainConfig` from YAML text with ``model:`` and ``train:`` sections."""
-    loaded = yaml.safe_load(text) or {}
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{where}: expected a mapping with model: and train: sections")
-    unknown = sorted(set(loaded) - {"model", "train"})
-    if unknown:
-        raise ValueError(f"{where}: unknown section(s) {unknown}; sections are ['model', 'train']")
-    train = dict(loaded.get("train") or {})
-    if "model" in train:
-        raise ValueError(f"{where}: 'model' belongs in its own section, not under train:")
-    try:
-        return DalleTrainConfig.from_dict({"model": loaded.get("model") or {}, **train})
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from err
+    return train_config_from_yaml(DalleTrainConfig, text, where)
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:

@@ -20,14 +20,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 
-from dalle_lightning.config_overrides import build
+from dalle_lightning.config_overrides import build, load_train_preset, train_config_from_yaml
 from dalle_lightning.models.dvae import DVAEConfig
 
 PRESETS = ("tiny", "small", "paper")
@@ -159,27 +157,12 @@ def load_preset(name: str) -> DVAETrainConfig:
     ``train:`` section (the other :class:`DVAETrainConfig` fields); unknown
     sections or fields are a ``ValueError``.
     """
-    if name not in PRESETS:
-        raise ValueError(f"unknown dVAE preset {name!r}; presets are {list(PRESETS)}")
-    text = resources.files("dalle_lightning").joinpath("presets", "dvae", f"{name}.yaml").read_text()
-    return config_from_yaml(text, where=f"preset {name!r}")
+    return load_train_preset(DVAETrainConfig, "dvae", "dVAE", name, PRESETS)
 
 
 def config_from_yaml(text: str, where: str = "YAML") -> DVAETrainConfig:
     """A :class:`DVAETrainConfig` from YAML text with ``model:`` and ``train:`` sections."""
-    loaded = yaml.safe_load(text) or {}
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{where}: expected a mapping with model: and train: sections")
-    unknown = sorted(set(loaded) - {"model", "train"})
-    if unknown:
-        raise ValueError(f"{where}: unknown section(s) {unknown}; sections are ['model', 'train']")
-    train = dict(loaded.get("train") or {})
-    if "model" in train:
-        raise ValueError(f"{where}: 'model' belongs in its own section, not under train:")
-    try:
-        return DVAETrainConfig.from_dict({"model": loaded.get("model") or {}, **train})
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from err
+    return train_config_from_yaml(DVAETrainConfig, text, where)
 
 
 def train_dvae(
