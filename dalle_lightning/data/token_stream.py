@@ -63,12 +63,18 @@ def _codes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 
 class ParquetTokenShards:
-    """The ``caption`` and ``image_tokens`` columns of ``tokens`` Parquet files (any fsspec URL)."""
+    """The ``caption`` and ``image_tokens`` columns of ``tokens`` Parquet files (any fsspec URL).
 
-    def __init__(self, paths: Sequence[str]) -> None:
+    With ``dvae_version``, every file must record that dVAE in its metadata
+    (``ValueError`` naming the file otherwise): codes of another dVAE mean
+    nothing to a transformer trained on this one's.
+    """
+
+    def __init__(self, paths: Sequence[str], dvae_version: str | None = None) -> None:
         if not paths:
             raise ValueError("paths is empty: there are no Parquet shards to read tokens from")
         self.paths = list(paths)
+        self.dvae_version = dvae_version
         self._rows: list[int] | None = None
         self._image_seq_len: int | None = None
 
@@ -84,7 +90,7 @@ class ParquetTokenShards:
             raise ValueError(
                 f"no part-*.parquet shards in {folder}: run `dalle tokenize` for {dataset!r} first"
             )
-        return cls(parts)
+        return cls(parts, dvae_version=dvae_version)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -93,13 +99,26 @@ class ParquetTokenShards:
         """Row counts and the code-list size of every file, from the Parquet footers only."""
         import fsspec
 
+        from data_schemas.tokens import token_metadata
+
         rows, sizes = [], {}
         for path in self.paths:
             fs, fs_path = fsspec.core.url_to_fs(path)
             with fs.open(fs_path, "rb") as f:
-                parquet = pq.ParquetFile(f)
+                try:
+                    parquet = pq.ParquetFile(f)
+                except pa.ArrowInvalid as err:
+                    raise ValueError(f"{path}: not a readable Parquet file: {err}") from err
                 rows.append(parquet.metadata.num_rows)
                 field = parquet.schema_arrow.field("image_tokens")
+                recorded = token_metadata(parquet.schema_arrow)
+            if self.dvae_version is not None:
+                made_by = None if recorded is None else recorded[3]
+                if made_by != self.dvae_version:
+                    raise ValueError(
+                        f"{path}: tokens made by dVAE {made_by!r}, expected dVAE {self.dvae_version!r}; "
+                        "re-run `dalle tokenize` with that dVAE or remove the file"
+                    )
             if not pa.types.is_fixed_size_list(field.type):
                 raise ValueError(f"{path}: image_tokens has type {field.type}, expected a fixed-size list")
             sizes.setdefault(field.type.list_size, path)

@@ -84,10 +84,13 @@ def write_parquet_atomic(
 
 
 def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
-    """Read one shard file (any fsspec URL)."""
+    """Read one shard file (any fsspec URL); ``ValueError`` naming ``path`` when it is not readable Parquet."""
     fs, fs_path = fsspec.core.url_to_fs(path)
     with fs.open(fs_path, "rb") as f:
-        return pq.read_table(f, columns=columns)
+        try:
+            return pq.read_table(f, columns=columns)
+        except pa.ArrowInvalid as err:
+            raise ValueError(f"{path}: not a readable Parquet file: {err}") from err
 
 
 def list_parts(folder: str) -> list[str]:

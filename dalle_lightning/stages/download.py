@@ -15,6 +15,14 @@ Every input row gives exactly one output row: ``status`` is img2dataset's
 Found``, ``timed out``, ``Use of image disallowed by X-Robots-Tag
 directive``, ``Image decoding error``. Size and aspect filters are the filter
 stage's job (with reasons), so the resizer here drops nothing by default.
+
+Before img2dataset sees them, rows whose URL is not an absolute http(s) URL
+with a host fail as ``failed_to_download`` without a request
+(:func:`url_problem`: urllib would open ``file://``, ``ftp://`` and ``data:``
+URLs too). Its resizer gets the bytes through :class:`_GuardedResizer`, which
+fails an empty body and an image whose header declares more than
+``max_image_area`` pixels before anything decodes it, turns EXIF-rotated
+images upright and scales 16-bit images to 8 bits.
 Source columns other than url and caption are not carried: the
 ``downloaded`` schema is fixed; join on ``key``/``url`` to get them back.
 """
@@ -22,21 +30,24 @@ Source columns other than url and caption are not carried: the
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import tempfile
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
-import fsspec
+import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+from PIL import Image, ImageOps
 
 import data_schemas.downloaded as downloaded_schema
 import data_schemas.sources as sources_schema
 from dalle_lightning.datasets.fingerprint import fingerprint
-from dalle_lightning.datasets.parquet_io import WrittenFile, write_parquet_atomic
+from dalle_lightning.datasets.parquet_io import WrittenFile, read_parquet, write_parquet_atomic
 
 STAGE = "download"
 STAGE_VERSION = 1
@@ -45,6 +56,12 @@ ENCODE_FORMATS = ("jpg", "png", "webp")
 HASH = "sha256"
 _ROW_COL = "_dalle_row"  # input row index, carried through img2dataset's per-sample meta
 _I2D_SHARD_ID = 0  # img2dataset's integer shard id in the scratch folder (our ids are hex strings)
+URL_SCHEMES = ("http", "https")
+"""The only URL schemes fetched; any other row fails with its reason and no request is made."""
+DEFAULT_MAX_IMAGE_AREA = 89_478_485.0
+"""PIL's decompression-bomb threshold (``Image.MAX_IMAGE_PIXELS``): about 9,459² pixels."""
+_EXIF_ORIENTATION = 0x0112
+_DEEP_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # PIL modes of 16-bit (or wider) grey images
 
 
 @dataclass(frozen=True)
@@ -75,9 +92,10 @@ class DownloadConfig:
     """``X-Robots-Tag`` directives that make a URL fail (the publisher's opt-out); empty to honour none."""
     min_image_size: int = 0
     """Smallest side below which the resizer drops an image; keep 0 and let the filter stage decide."""
-    max_image_area: float = float("inf")
-    """Pixels above which the resizer drops an image (``image area too large``). img2dataset checks it
-    after decoding, so it bounds resize work, not decode memory (OpenCV itself refuses > 2**30 pixels)."""
+    max_image_area: float = DEFAULT_MAX_IMAGE_AREA
+    """Pixels above which an image fails as ``image area too large``. Checked on the size its header
+    declares, before anything decodes it, so it bounds decode memory (a decompression bomb of a few
+    kilobytes can declare 20,000 × 20,000 pixels); ``float("inf")`` turns the cap off."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "disallowed_header_directives", tuple(self.disallowed_header_directives))
@@ -147,20 +165,127 @@ class _CollectingWriter:
 
 
 def _read_source(path: str) -> pa.Table:
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    with fs.open(fs_path, "rb") as f:
-        table = pq.read_table(f)
+    table = read_parquet(path)
     sources_schema.validate(table)
     return table
 
 
-def _write_scratch_shard(source: pa.Table, folder: str) -> str:
-    """The Arrow IPC file img2dataset's Downloader reads (and deletes): url, caption, row index."""
+def url_problem(url: str | None) -> str | None:
+    """Why ``url`` is not fetched, or None for an absolute http(s) URL with a host.
+
+    The message names the problem, never the URL itself (it may carry a token).
+    """
+    if url is None or not url.strip():
+        return "URL is empty"
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
+    except ValueError as err:
+        return f"unparsable URL: {err}"
+    if not parts.scheme:
+        return "URL has no scheme; only http:// and https:// URLs are downloaded"
+    if parts.scheme.lower() not in URL_SCHEMES:
+        return f"URL scheme {parts.scheme.lower()!r} is not allowed; only http and https URLs are downloaded"
+    if not parts.hostname:
+        return "URL has no host"
+    return None
+
+
+def _failed_resize(message: str) -> tuple[None, None, None, None, None, str]:
+    """A failure in the shape img2dataset's Resizer returns: (image, w, h, original w, original h, error)."""
+    return None, None, None, None, None, message
+
+
+class _GuardedResizer:
+    """img2dataset's ``Resizer`` behind the checks it lacks, made on the downloaded bytes.
+
+    OpenCV decodes what it is given: an empty body fails with an assertion
+    message, a decompression bomb is decoded in full before img2dataset's
+    ``max_image_area`` check, EXIF orientation is ignored (``IMREAD_UNCHANGED``)
+    and 16-bit pixels saturate to white when encoded as 8-bit JPEG. So: an empty
+    body fails as ``empty response body (0 bytes)``; an image whose header
+    declares more than ``max_image_area`` pixels fails as ``image area too
+    large`` undecoded; an EXIF-rotated or 16-bit image is handed on as an
+    upright 8-bit PNG. Everything else goes to the resizer untouched. The
+    downloader hashes the original stream afterwards, so ``sha256`` is always
+    that of the bytes as downloaded.
+    """
+
+    def __init__(self, resizer: Any, max_image_area: float) -> None:
+        self.resizer = resizer
+        self.max_image_area = max_image_area
+
+    def __call__(self, img_stream: io.BytesIO, blurring_bbox_list: Any = None) -> tuple:
+        data = img_stream.getvalue()
+        if not data:
+            return _failed_resize("empty response body (0 bytes)")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))  # reads the header only
+        except Image.DecompressionBombError as err:
+            return _failed_resize(f"image area too large ({err})")
+        except Exception:  # PIL cannot read it: OpenCV may, or says why not
+            return self.resizer(img_stream, blurring_bbox_list)
+        width, height = image.size
+        if width * height > self.max_image_area:
+            return _failed_resize(
+                f"image area too large ({width}x{height} = {width * height} pixels, "
+                f"max_image_area is {self.max_image_area:.0f})"
+            )
+        upright = _upright_8bit(image, data)
+        stream = img_stream if upright is None else io.BytesIO(upright)
+        return self.resizer(stream, blurring_bbox_list)
+
+
+def _upright_8bit(image: Image.Image, data: bytes) -> bytes | None:
+    """PNG bytes of ``image`` turned upright by its EXIF orientation and scaled to 8 bits per channel, or
+    None when it needs neither (or PIL cannot decode it; OpenCV then reports the error)."""
+    png_16bit = image.format == "PNG" and len(data) > 24 and data[24] == 16  # IHDR bit depth
+    if not (_orientation(image) != 1 or png_16bit or image.mode.startswith("I;16")):
+        return None
+    try:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in _DEEP_MODES:
+            pixels = np.asarray(image, dtype=np.float64)
+            if image.mode != "I" or png_16bit:
+                pixels = pixels / 257.0
+            image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+        elif image.mode not in ("1", "L", "LA", "P", "RGB", "RGBA"):
+            image = image.convert("RGB")  # CMYK, YCbCr, … have no PNG form
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", compress_level=1)
+    except Exception:  # a damaged image: let OpenCV fail on the original bytes
+        return None
+    return buffer.getvalue()
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1 = upright) read from the header, without decoding the pixels.
+
+    ``Image.getexif`` would decode a PNG to look for an ``eXIf`` chunk after its image data.
+    """
+    try:
+        if image.format == "TIFF":
+            exif = image.getexif()
+        elif "exif" in image.info:
+            exif = Image.Exif()
+            exif.load(image.info["exif"])
+        else:
+            return 1
+        return int(exif.get(_EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # an unreadable EXIF block: treat the image as stored
+        return 1
+
+
+def _write_scratch_shard(source: pa.Table, folder: str, rows: list[int]) -> str:
+    """The Arrow IPC file img2dataset's Downloader reads (and deletes): url, caption, row index of ``rows``."""
+    index = pa.array(rows, pa.int64())
     table = pa.table(
         {
-            "url": source.column("url").cast(pa.string()),
-            "caption": source.column("caption").cast(pa.string()),
-            _ROW_COL: pa.array(range(source.num_rows), pa.int64()),
+            "url": source.column("url").cast(pa.string()).take(index),
+            "caption": source.column("caption").cast(pa.string()).take(index),
+            _ROW_COL: index,
         }
     )
     path = os.path.join(folder, "shard.feather")
@@ -185,7 +310,7 @@ def _make_downloader(config: DownloadConfig, scratch: str, sink: list, rows: int
     )
     return Downloader(
         sample_writer_class=functools.partial(_CollectingWriter, sink),
-        resizer=resizer,
+        resizer=_GuardedResizer(resizer, config.max_image_area),
         thread_count=min(config.thread_count, max(rows, 1)),
         save_caption=True,
         extract_exif=False,
@@ -204,15 +329,29 @@ def _make_downloader(config: DownloadConfig, scratch: str, sink: list, rows: int
 
 
 def _run_img2dataset(source: pa.Table, config: DownloadConfig) -> tuple[list, dict[str, Any]]:
-    """Run img2dataset's Downloader on ``source``; returns its samples and its shard stats."""
+    """Run img2dataset's Downloader on the fetchable rows of ``source``; returns the samples of every row
+    (the refused ones as ``failed_to_download``) and img2dataset's shard stats counting them too."""
     samples: list[tuple[bytes | None, dict[str, Any]]] = []
+    problems = {i: url_problem(url) for i, url in enumerate(source.column("url").to_pylist())}
+    fetch = [i for i, problem in problems.items() if problem is None]
     with tempfile.TemporaryDirectory(prefix="dalle-download-") as scratch:
-        shard_file = _write_scratch_shard(source, scratch)
-        downloader = _make_downloader(config, scratch, samples, source.num_rows)
+        shard_file = _write_scratch_shard(source, scratch, fetch)
+        downloader = _make_downloader(config, scratch, samples, len(fetch))
         # download_shard, not __call__: __call__ prints and swallows a failing shard's exception
         downloader.download_shard((_I2D_SHARD_ID, shard_file))
         with open(os.path.join(scratch, f"{_I2D_SHARD_ID}_stats.json")) as f:
             stats = json.load(f)
+    captions = source.column("caption").to_pylist()
+    for i, problem in problems.items():
+        if problem is None:
+            continue
+        meta = dict.fromkeys(("width", "height", "original_width", "original_height", HASH))
+        meta.update(url=source.column("url")[i].as_py(), caption=captions[i], status="failed_to_download")
+        meta.update({"error_message": problem, _ROW_COL: i})
+        samples.append((None, meta))
+        stats["count"] += 1
+        stats["failed_to_download"] += 1
+        stats["status_dict"][problem] = stats["status_dict"].get(problem, 0) + 1
     return samples, stats
 
 

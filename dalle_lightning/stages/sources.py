@@ -6,10 +6,17 @@ the list therefore leaves every earlier full shard (and all its downstream
 work) untouched and only adds shards (plus the last, partial one, which
 changes). A shard's ``ordinal`` is its position in the list: deduplication
 keeps the earliest copy, so existing rows win over newly appended ones.
+
+Every row of the list is kept, whatever its content: a missing or blank URL
+stays as ``""`` (the download stage fails it as ``URL is empty``), and bytes
+that are not UTF-8 in ``url`` or ``caption`` are replaced by U+FFFD with a
+warning. A file that cannot be read, a missing ``url`` column or a column of
+numbers raises ``ValueError`` naming the file or column.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import fsspec
@@ -46,14 +53,17 @@ class SourceShard:
 def _read_one(path: str) -> pa.Table:
     fs, fs_path = fsspec.core.url_to_fs(path)
     suffix = "." + fs_path.rsplit(".", 1)[-1].lower() if "." in fs_path else ""
-    with fs.open(fs_path, "rb") as f:
-        if suffix == ".parquet":
-            return pq.read_table(f)
-        if suffix in (".csv", ".tsv"):
-            delimiter = "\t" if suffix == ".tsv" else ","
-            return pacsv.read_csv(f, parse_options=pacsv.ParseOptions(delimiter=delimiter))
-        if suffix in (".jsonl", ".json"):
-            return pajson.read_json(f)
+    try:
+        with fs.open(fs_path, "rb") as f:
+            if suffix == ".parquet":
+                return pq.read_table(f)
+            if suffix in (".csv", ".tsv"):
+                delimiter = "\t" if suffix == ".tsv" else ","
+                return pacsv.read_csv(f, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+            if suffix in (".jsonl", ".json"):
+                return pajson.read_json(f)
+    except pa.ArrowInvalid as err:
+        raise ValueError(f"cannot read URL list {path!r} as {suffix[1:]}: {err}") from err
     raise ValueError(
         f"unsupported URL list format {suffix!r} for {path!r}; expected one of {URL_LIST_FORMATS}"
     )
@@ -97,17 +107,48 @@ def read_url_list(paths: str | list[str], *, url_col: str = "url", caption_col: 
             table = table.rename_columns([target if c == wanted else c for c in table.column_names])
     for name in ("url", "caption"):
         column = table.column(name)
-        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
-            if pa.types.is_null(column.type):
-                column = column.cast(pa.string())
-            else:
-                raise ValueError(f"URL list column {name!r} must hold strings, got {column.type}")
-        table = table.set_column(table.column_names.index(name), name, column.cast(pa.string()))
+        textual = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
+        if pa.types.is_null(column.type):
+            column = column.cast(pa.string())
+        elif not any(is_type(column.type) for is_type in textual):  # bytes: a CSV field that is not UTF-8
+            raise ValueError(f"URL list column {name!r} must hold strings, got {column.type}")
+        table = table.set_column(table.column_names.index(name), name, _valid_utf8(column, name))
     nulls = table.column("url").null_count
-    if nulls:
-        raise ValueError(f"URL list has {nulls} row(s) with a null 'url'")
-    table = table.filter(pc.invert(pc.equal(pc.utf8_trim_whitespace(table.column("url")), "")))
+    if nulls:  # kept: the download stage fails each as "URL is empty"
+        table = table.set_column(
+            table.column_names.index("url"), "url", pc.fill_null(table.column("url"), "")
+        )
     return conform(table, sources_schema)
+
+
+def _valid_utf8(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
+    """``column`` (strings, or bytes a CSV reader could not read as text) as valid UTF-8 strings.
+
+    Byte sequences that are not UTF-8 become U+FFFD, with a warning counting the values changed.
+    """
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        try:
+            column.validate(full=True)
+            return column.cast(pa.string())
+        except pa.ArrowInvalid:
+            column = column.cast(pa.binary())  # a view of the same bytes, to decode one by one
+    changed, values = 0, []
+    for raw in column.to_pylist():
+        if raw is None:
+            values.append(None)
+            continue
+        try:
+            values.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            changed += 1
+            values.append(raw.decode("utf-8", errors="replace"))
+    if changed:
+        warnings.warn(
+            f"URL list column {name!r}: {changed} value(s) are not valid UTF-8; "
+            "their invalid bytes were replaced by U+FFFD",
+            stacklevel=3,
+        )
+    return pa.chunked_array([pa.array(values, pa.string())], type=pa.string())
 
 
 def plan_shards(table: pa.Table, shard_size: int) -> list[SourceShard]:

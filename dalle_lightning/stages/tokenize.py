@@ -192,7 +192,10 @@ def _read_filtered(path: str) -> pa.Table:
     """The key, caption and image columns of a ``filtered`` shard; ``ValueError`` for another dataset."""
     fs, fs_path = fsspec.core.url_to_fs(path)
     with fs.open(fs_path, "rb") as f:
-        parquet = pq.ParquetFile(f)
+        try:
+            parquet = pq.ParquetFile(f)
+        except pa.ArrowInvalid as err:
+            raise ValueError(f"{path}: not a readable Parquet file: {err}") from err
         name, version = schema_identity(parquet.schema_arrow)
         if (name, version) != (filtered_schema.NAME, filtered_schema.VERSION):
             raise ValueError(
