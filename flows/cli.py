@@ -437,6 +437,66 @@ def reconstruct(
 
 
 @app.command()
+def pipeline(
+    root: Annotated[str, typer.Option(help="Dataset root (a folder or fsspec URL).")] = "data",
+    dataset: Annotated[str, typer.Option(help="Dataset name.")] = "default",
+    urls: Annotated[
+        list[str] | None, typer.Option(help="URL list file(s) (Parquet/CSV with url, caption); repeatable.")
+    ] = None,
+    shard_size: Annotated[int, typer.Option(help="URLs per shard.")] = 256,
+    dvae_preset: Annotated[str, typer.Option(help="dVAE preset.")] = "tiny",
+    dalle_preset: Annotated[str, typer.Option(help="Transformer preset.")] = "tiny",
+    clip_preset: Annotated[str, typer.Option(help="CLIP preset.")] = "tiny",
+    bpe_vocab_size: Annotated[int, typer.Option(help="Caption BPE vocabulary size.")] = 1024,
+    eval_source: Annotated[str, typer.Option(help="Evaluation captions: filter or shapes.")] = "filter",
+    eval_captions: Annotated[int, typer.Option(help="Captions in the evaluation set.")] = 64,
+    eval_n_max: Annotated[int, typer.Option(help="Samples drawn per evaluation caption.")] = 16,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="YAML with sections download, filter, dvae, dalle, clip, eval."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a setting: dvae.train.max_steps=500, download.timeout=5"),
+    ] = None,
+    dask_address: Annotated[
+        str | None, typer.Option(help="Dask scheduler (default: $DALLE_DASK_ADDRESS or a local cluster).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Local Dask worker processes.")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "dalle-lightning",
+) -> None:
+    """Every stage, each incremental: ingest → dVAE → tokenize → BPE → transformer → CLIP → evaluate."""
+    from dalle_lightning.config_overrides import load_sections
+    from flows.pipeline import pipeline_overrides, run_pipeline
+
+    summary = run_pipeline(
+        root,
+        dask_address=dask_address,
+        n_workers=workers,
+        dataset=dataset,
+        urls=urls,
+        shard_size=shard_size,
+        dvae_preset=dvae_preset,
+        dalle_preset=dalle_preset,
+        clip_preset=clip_preset,
+        bpe_vocab_size=bpe_vocab_size,
+        eval_source=eval_source,
+        eval_captions=eval_captions,
+        eval_n_max=eval_n_max,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        **pipeline_overrides(load_sections(config, set_ or [])),
+    )
+    from rich.console import Console
+
+    from flows.demo import print_demo_summary
+
+    print_demo_summary(summary, Console())
+    typer.echo(f"pipeline done in {summary['elapsed_s']:.1f}s; MLflow run {summary['mlflow_run_id']}")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo makes.")] = Path("demo-data"),
     n: Annotated[int, typer.Option(help="Synthetic images.")] = 2000,
@@ -446,7 +506,7 @@ def demo(
     ] = 8765,
     workers: Annotated[int, typer.Option(help="Dask worker processes.")] = 2,
 ) -> None:
-    """synth shapes → serve over loopback → ingest → dVAE → tokenize → BPE → transformer (embedded defaults)."""
+    """synth shapes → serve over loopback → the whole pipeline with the tiny presets (embedded defaults)."""
     from flows.demo import run_demo
 
     run_demo(out, n=n, size=size, port=port, workers=workers)
@@ -666,6 +726,32 @@ def compare(
         typer.echo(f"no run of experiment {experiment!r} logged {metric!r}")
         return
     print_comparison(rows, metric, columns)
+
+
+@app.command()
+def serve(
+    flow: Annotated[
+        list[str] | None,
+        typer.Option(help="Serve only this flow (ingest) or deployment (ingest/nightly); repeatable."),
+    ] = None,
+    schedules: Annotated[
+        bool, typer.Option(help="Keep the cron schedules of prefect.yaml (--no-schedules: trigger by hand).")
+    ] = True,
+    root: Annotated[
+        str | None, typer.Option(help="Dataset root for every flow that takes one (default: prefect.yaml's).")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="The deployments file (default ./prefect.yaml, else the checkout's).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many runs at once.")] = None,
+) -> None:
+    """Serve the flows of prefect.yaml as deployments from this process (PREFECT_API_URL: a server); Ctrl-C stops."""
+    from flows.serve import serve as serve_flows
+
+    try:
+        serve_flows(config, flows=flow, schedules=schedules, root=root, limit=limit)
+    except (ValueError, FileNotFoundError) as err:
+        raise typer.BadParameter(str(err)) from err
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -390,7 +390,9 @@ def _report(
     tracking.setup(tracking_uri, experiment)
     fps = summary["fingerprints"]
     with mlflow.start_run(
-        run_name=f"ingest-{name}", tags={"dalle.flow": "ingest", "dalle.dataset": name}
+        run_name=f"ingest-{name}",
+        nested=mlflow.active_run() is not None,
+        tags={"dalle.flow": "ingest", "dalle.stage": "ingest", "dalle.dataset": name},
     ) as parent:
         mlflow.log_params({"root": layout.root, "dataset": name})
         mlflow.log_metrics(

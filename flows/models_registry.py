@@ -56,3 +56,57 @@ def resolve_checkpoint(model: str) -> str:
     if not os.path.exists(model):
         raise FileNotFoundError(f"model checkpoint not found: {model!r} (give a path or a models:/ URI)")
     return model
+
+
+def promote(
+    name: str,
+    version: str,
+    *,
+    metric: str,
+    value: float,
+    eval_set_fingerprint: str,
+    aliases: list[str],
+    lower_is_better: bool | None = None,
+) -> list[str]:
+    """Point each of ``aliases`` (e.g. ``candidate``, ``production``) at ``version`` if it beats the current one.
+
+    The evaluation is recorded on the version as tags ``dalle.eval.<metric>`` and
+    ``dalle.eval_set_fingerprint``. An alias moves when it is unset, when its
+    version was scored on another caption set (not comparable: logged), or
+    when ``value`` is better than its version's (higher, or lower for metrics
+    named like ``fid``/``loss``). Returns the aliases that now point at ``version``.
+    """
+    import logging
+
+    from flows.evaluate import LOWER_IS_BETTER
+
+    log = logging.getLogger(__name__)
+    if lower_is_better is None:
+        lower_is_better = metric.startswith(LOWER_IS_BETTER)
+    client = mlflow.MlflowClient()
+    client.set_model_version_tag(name, version, f"dalle.eval.{metric}", repr(value))
+    client.set_model_version_tag(name, version, "dalle.eval_set_fingerprint", eval_set_fingerprint)
+    moved = []
+    for alias in aliases:
+        try:
+            current = client.get_model_version_by_alias(name, alias)
+        except mlflow.exceptions.MlflowException:
+            current = None
+        if current is not None and current.version != str(version):
+            same_set = current.tags.get("dalle.eval_set_fingerprint") == eval_set_fingerprint
+            best = current.tags.get(f"dalle.eval.{metric}")
+            if same_set and best is not None:
+                better = value < float(best) if lower_is_better else value > float(best)
+                if not better:
+                    log.info(
+                        "%s@%s stays on v%s (%s %s vs %s)", name, alias, current.version, metric, best, value
+                    )
+                    continue
+            else:
+                log.warning(
+                    "%s@%s (v%s) was not scored on %s by %s: moving it to v%s",
+                    name, alias, current.version, eval_set_fingerprint, metric, version,
+                )  # fmt: skip
+        client.set_registered_model_alias(name, alias, str(version))
+        moved.append(alias)
+    return moved

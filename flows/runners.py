@@ -7,8 +7,10 @@ dask-kubernetes; nothing else in the flows changes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 from prefect_dask import DaskTaskRunner
 
@@ -26,20 +28,42 @@ def dask_task_runner(address: str | None = None, n_workers: int | None = None) -
     address = address or os.environ.get("DALLE_DASK_ADDRESS") or None
     if address:
         return DaskTaskRunner(address=address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster", cluster_kwargs=_local_cluster_kwargs(n_workers)
+    )
+
+
+def _local_cluster_kwargs(n_workers: int | None) -> dict:
+    """A loopback ``LocalCluster`` of ``n_workers`` (default ``$DALLE_DASK_WORKERS`` or 2) single-threaded processes."""
     workers = n_workers or int(os.environ.get("DALLE_DASK_WORKERS", DEFAULT_WORKERS))
     if workers < 1:
         raise ValueError(f"n_workers must be >= 1, got {workers}")
-    return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs={
-            "n_workers": workers,
-            "threads_per_worker": 1,
-            "processes": True,
-            "dashboard_address": None,
-            "host": "127.0.0.1",
-            "silence_logs": logging.WARNING,
-        },
-    )
+    return {
+        "n_workers": workers,
+        "threads_per_worker": 1,
+        "processes": True,
+        "dashboard_address": None,
+        "host": "127.0.0.1",
+        "silence_logs": logging.WARNING,
+    }
+
+
+@contextlib.contextmanager
+def dask_cluster_address(address: str | None = None, n_workers: int | None = None) -> Iterator[str]:
+    """The scheduler ``address`` (or ``$DALLE_DASK_ADDRESS``), else that of a ``LocalCluster`` kept for the block.
+
+    A flow of several Dask stages (``pipeline``) starts its cluster once and
+    gives each stage a ``DaskTaskRunner(address=…)`` on it.
+    """
+    quiet_dask_logs()
+    address = address or os.environ.get("DALLE_DASK_ADDRESS") or None
+    if address:
+        yield address
+        return
+    from distributed import LocalCluster
+
+    with LocalCluster(**_local_cluster_kwargs(n_workers)) as cluster:
+        yield cluster.scheduler_address
 
 
 def quiet_dask_logs() -> None:
