@@ -13,6 +13,9 @@ pair:
   :class:`~dalle_lightning.stages.bpe.CaptionEncoder`, padded with
   :data:`~dalle_lightning.stages.bpe.PAD_ID`; with BPE dropout the draws come
   from ``(seed, epoch, shard, row)`` as well (kept apart from the crop's).
+  An optional ``caption_transform(caption, rng)`` (caption augmentation, e.g.
+  :class:`~dalle_lightning.training.clip_captions.ObjectCaptions`) rewrites
+  the caption first, with its own draws from ``(seed, epoch, shard, row)``.
 
 Order, split over DDP ranks × loader workers, the optional shuffle buffer and
 resume are those of :mod:`~dalle_lightning.data.shard_stream`: with the same
@@ -22,7 +25,7 @@ restarted at batch ``n`` yields the batches an uninterrupted one would have.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,6 +44,10 @@ from dalle_lightning.data.transforms import random_crop_resize
 from dalle_lightning.stages.bpe import CaptionEncoder
 
 _BPE_TAG = 0xB9E  # keeps the BPE-dropout draws of a row apart from its crop's
+_CAPTION_TAG = 0xCA9  # and the caption transform's apart from both
+
+CaptionTransform = Callable[[str, np.random.Generator], str]
+"""(caption, seeded generator) → the caption to train on."""
 
 
 class PairShards(ShardIndex, Protocol):
@@ -128,7 +135,8 @@ class PairStream(IterableDataset):
     ``world_size`` default to those of the initialised ``torch.distributed``
     group (0 and 1 without one); the worker comes from the data loader.
     ``start_batch`` is the number of batches of ``batch_size`` this rank has
-    consumed before.
+    consumed before. ``caption_transform`` (None: off) rewrites each caption
+    before it is encoded.
     """
 
     def __init__(
@@ -144,6 +152,7 @@ class PairStream(IterableDataset):
         start_batch: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        caption_transform: CaptionTransform | None = None,
     ) -> None:
         super().__init__()
         if image_size < 1:
@@ -166,6 +175,7 @@ class PairStream(IterableDataset):
         self.start_batch = start_batch
         self.rank = rank
         self.world_size = world_size
+        self.caption_transform = caption_transform
 
     def _epochs(
         self, rank: int, world_size: int, worker: int, num_workers: int
@@ -191,6 +201,18 @@ class PairStream(IterableDataset):
             for shard, row in items:
                 yield epoch, shard, row
 
+    def _crop(self, item: ImageLike, rng: np.random.Generator) -> np.ndarray:
+        """The random crop of one image as uint8 (S, S, 3); an array already S × S needs none at scale 1."""
+        size = self.image_size
+        if (
+            self.min_scale == 1.0
+            and isinstance(item, np.ndarray)
+            and item.dtype == np.uint8
+            and item.shape == (size, size, 3)
+        ):
+            return item  # what random_crop_resize returns for it, without the round trip through PIL
+        return np.asarray(random_crop_resize(_as_pil(item), size, rng, self.min_scale))
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rank, world_size = rank_and_world(self.rank, self.world_size)
         info = get_worker_info()
@@ -205,10 +227,13 @@ class PairStream(IterableDataset):
                 if shard not in loaded:
                     loaded[shard] = self.shards.read(shard)
                 images, captions = loaded[shard]
-                rng = np.random.default_rng([self.seed, epoch, shard, row])
-                crop = random_crop_resize(_as_pil(images[row]), self.image_size, rng, self.min_scale)
+                crop = self._crop(images[row], np.random.default_rng([self.seed, epoch, shard, row]))
+                caption = captions[row]
+                if self.caption_transform is not None:
+                    caption_rng = np.random.default_rng([self.seed, epoch, shard, row, _CAPTION_TAG])
+                    caption = self.caption_transform(caption, caption_rng)
                 bpe_rng = np.random.default_rng([self.seed, epoch, shard, row, _BPE_TAG]) if dropout else None
-                text, _ = self.encoder.encode(captions[row], bpe_rng)
+                text, _ = self.encoder.encode(caption, bpe_rng)
                 if last_use[shard] == i:
                     del loaded[shard]
                 image = torch.from_numpy(np.array(crop)).permute(2, 0, 1)  # (3, S, S) uint8, a writable copy
@@ -234,8 +259,10 @@ class PairStreamDataModule(ResumableStreamDataModule):
         min_scale: float = 1.0,
         shuffle_buffer: int = 0,
         num_workers: int = 0,
+        caption_transform: CaptionTransform | None = None,
     ) -> None:
         super().__init__(batch_size, seed=seed, num_workers=num_workers)
+        self.caption_transform = caption_transform
         self.shards = shards
         self.encoder = encoder
         self.image_size = image_size
@@ -258,6 +285,7 @@ class PairStreamDataModule(ResumableStreamDataModule):
             start_batch=self.start_batch,
             rank=rank,
             world_size=world_size,
+            caption_transform=self.caption_transform,
         )
         return DataLoader(
             stream,

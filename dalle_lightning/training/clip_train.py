@@ -59,6 +59,10 @@ class ClipTrainConfig:
     """Clip the gradient norm to this; ``None``: no clipping (the paper does not clip)."""
     bpe_dropout: float = 0.0
     """Probability of skipping each BPE merge when encoding a training caption (0: the plain encoding)."""
+    object_captions: float = 0.0
+    """Probability of training an image with a short caption naming one object of its ``shapes`` caption
+    ("a red circle") instead of the whole caption, so that short search queries match
+    (:class:`~dalle_lightning.training.clip_captions.ObjectCaptions`); captions it cannot read are kept."""
     crop_min_scale: float = 1.0
     """Random crops take this share of an image's short side or more (1: position only, which keeps every
     object a caption names in the picture)."""
@@ -92,7 +96,7 @@ class ClipTrainConfig:
             _check_int(name, getattr(self, name), 0)
         if self.lr_steps is not None:
             _check_int("lr_steps", self.lr_steps, 0)
-        for name in ("lr", "lr_end", "weight_decay", "bpe_dropout", "crop_min_scale"):
+        for name in ("lr", "lr_end", "weight_decay", "bpe_dropout", "object_captions", "crop_min_scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"{name} must be a number, got {value!r}")
@@ -110,6 +114,8 @@ class ClipTrainConfig:
             raise ValueError(f"grad_clip must be a number > 0 or null, got {self.grad_clip!r}")
         if not 0.0 <= self.bpe_dropout < 1.0:
             raise ValueError(f"bpe_dropout must be in [0, 1), got {self.bpe_dropout!r}")
+        if not 0.0 <= self.object_captions <= 1.0:
+            raise ValueError(f"object_captions must be in [0, 1], got {self.object_captions!r}")
         if not 0.0 < self.crop_min_scale <= 1.0:
             raise ValueError(f"crop_min_scale must be in (0, 1], got {self.crop_min_scale!r}")
         if self.precision not in PRECISIONS:
@@ -191,6 +197,7 @@ def train_clip(
     from dalle_lightning.data.pair_stream import PairStreamDataModule
     from dalle_lightning.models.clip import save_clip
     from dalle_lightning.stages.bpe import CaptionEncoder, load_bpe
+    from dalle_lightning.training.clip_captions import ObjectCaptions
     from dalle_lightning.training.clip_module import ClipLightningModule
 
     if shards is None:
@@ -230,6 +237,7 @@ def train_clip(
         min_scale=config.crop_min_scale,
         shuffle_buffer=config.shuffle_buffer,
         num_workers=config.num_workers,
+        caption_transform=ObjectCaptions(config.object_captions) if config.object_captions > 0 else None,
     )
     logger: Any = False
     if tracking_uri is not None:

@@ -128,3 +128,29 @@ def test_parquet_pair_shards_read_images_and_captions(tmp_path, encoder):
         InMemoryPairShards([], [])
     with pytest.raises(ValueError, match="one per image"):
         InMemoryPairShards(_images(2), ["a"])
+
+
+def test_caption_transform_is_seeded_by_row_and_epoch_and_resumes(encoder):
+    """The transform sees each row's caption with its own generator: same seed, same captions; resume too."""
+
+    def rename_sometimes(caption: str, rng: np.random.Generator) -> str:
+        return caption.replace("number", "circle") if rng.random() < 0.5 else caption
+
+    shards = InMemoryPairShards(_images(16), [_caption(i) for i in range(16)], rows_per_shard=5)
+    settings = dict(batch_size=4, seed=2, shuffle_buffer=6, caption_transform=rename_sometimes)
+    first = _take(PairStream(shards, encoder, 8, **settings), 48)
+    again = _take(PairStream(shards, encoder, 8, **settings), 48)
+    resumed = _take(PairStream(shards, encoder, 8, start_batch=3, **settings), 36)
+    plain = {int(i[0, 0, 0]): t for i, t in _take(PairStream(shards, encoder, 8, batch_size=4), 16)}
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(first[12:], resumed, strict=True))
+    changed = [not torch.equal(t, plain[int(i[0, 0, 0])]) for i, t in first]
+    assert 0 < sum(changed) < len(changed)  # some captions rewritten, not all
+    epochs = [
+        {
+            int(i[0, 0, 0]): c
+            for (i, _), c in zip(first[e * 16 : (e + 1) * 16], changed[e * 16 : (e + 1) * 16], strict=True)
+        }
+        for e in range(3)
+    ]
+    assert epochs[0] != epochs[1] or epochs[1] != epochs[2]  # drawn anew each epoch

@@ -1,0 +1,69 @@
+"""Caption augmentation for CLIP training: short captions naming one object of a ``shapes`` scene.
+
+A CLIP trained only on whole captions ("a large red circle above a small blue
+square") learns what a *whole* caption looks like: a short query such as
+"a red circle" falls outside what its text encoder has seen, and nothing in
+training says that a picture showing a red circle next to something else
+matches "a red circle" at all. Natural-language search asks exactly that.
+:class:`ObjectCaptions` replaces a share of the training captions by a short
+caption naming one of the objects the caption names — its colour and shape,
+with its size word half of the time ("a red circle", "a large red circle") —
+so the model also learns to match one object of an image, in the short form
+users type. Contrastive training with such captions has some false negatives
+(other images of the batch showing the same object), which it tolerates.
+
+Objects are read from the caption text with the vocabulary of the synthetic
+generator (:mod:`dalle_lightning.synth.shapes`): an optional word before a
+colour–shape pair is taken as its size word unless it is an article. A
+caption that names no such pair is kept as it is, so the augmentation is a
+no-op on other data.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from dalle_lightning.synth.shapes import COLOURS, SHAPES
+
+_ARTICLES = frozenset({"a", "an", "the", "with", "is", "of"})
+_OBJECT = re.compile(
+    r"(?:\b([a-z]+) )?\b(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b", re.IGNORECASE
+)
+
+
+def caption_objects(caption: str) -> list[tuple[str | None, str, str]]:
+    """(size word or None, colour, shape) of every colour–shape pair the caption names, in order."""
+    found = []
+    for size, colour, shape in _OBJECT.findall(caption):
+        size = size.lower() or None
+        found.append((None if size in _ARTICLES else size, colour.lower(), shape.lower()))
+    return found
+
+
+class ObjectCaptions:
+    """``(caption, rng) → caption``: with probability ``p``, a short caption naming one of the caption's objects.
+
+    Picklable (a data-loader worker gets a copy); all randomness comes from
+    ``rng``, so a seeded stream stays reproducible and resumable.
+    """
+
+    def __init__(self, p: float) -> None:
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must be a number in [0, 1], got {p!r}")
+        self.p = float(p)
+
+    def __call__(self, caption: str, rng: np.random.Generator) -> str:
+        if self.p == 0.0 or rng.random() >= self.p:
+            return caption
+        objects = caption_objects(caption)
+        if not objects:
+            return caption
+        size, colour, shape = objects[rng.integers(len(objects))]
+        if size is not None and rng.random() < 0.5:
+            return f"a {size} {colour} {shape}"
+        return f"a {colour} {shape}"
+
+    def __repr__(self) -> str:
+        return f"ObjectCaptions(p={self.p})"

@@ -1,0 +1,56 @@
+"""Object captions for CLIP training: read from ``shapes`` captions, drawn from the given generator, no-op elsewhere."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dalle_lightning.synth.shapes_dataset import ShapesConfig, make_example
+from dalle_lightning.training.clip_captions import ObjectCaptions, caption_objects
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _examples(count: int = 300):
+    config = ShapesConfig(n=count, size=32, seed=3, heldout_fraction=0.0, heldout_images=0.0)
+    return [make_example(config, i) for i in range(count)]
+
+
+def test_the_objects_of_every_generated_caption_are_read_back():
+    size_class = {"small": "small", "tiny": "small", "little": "small", "large": "large", "big": "large"}
+    for scene, caption, _ in _examples():
+        found = sorted((colour, shape, size_class[size]) for size, colour, shape in caption_objects(caption))
+        assert found == sorted((o.colour, o.shape, o.size) for o in scene.objects), caption
+
+
+def test_object_captions_name_one_object_of_the_scene_at_rate_p():
+    examples = _examples()
+    always, never, some = ObjectCaptions(1.0), ObjectCaptions(0.0), ObjectCaptions(0.3)
+    rng = np.random.default_rng(0)
+    short_forms = set()
+    for scene, caption, _ in examples:
+        assert never(caption, rng) == caption
+        short = always(caption, rng)
+        words = short.split()
+        assert words[0] == "a" and len(words) in (3, 4), short
+        assert (words[-2], words[-1]) in {(o.colour, o.shape) for o in scene.objects}, (caption, short)
+        short_forms.add(len(words))
+    assert short_forms == {3, 4}  # with and without the size word
+    changed = sum(some(c, rng) != c for _, c, _ in examples)
+    assert 0.2 * len(examples) < changed < 0.4 * len(examples)
+
+
+def test_draws_come_from_the_generator_and_other_captions_are_kept():
+    augment = ObjectCaptions(1.0)
+    caption = "a picture with a large red circle over a small blue square"
+    draws = [augment(caption, np.random.default_rng(seed)) for seed in range(20)]
+    assert draws == [augment(caption, np.random.default_rng(seed)) for seed in range(20)]
+    assert {"a red circle", "a blue square"} <= set(draws)
+    for other in ("a photo of a dog on a beach", "", "a reddish circle"):
+        assert augment(other, np.random.default_rng(0)) == other
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, True, "0.3"])
+def test_bad_probability_is_a_value_error(p):
+    with pytest.raises(ValueError, match="p must be"):
+        ObjectCaptions(p)
