@@ -8,6 +8,7 @@ gives the same guarantee.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import uuid
@@ -72,9 +73,16 @@ def write_parquet_atomic(
     fs.makedirs(parent, exist_ok=True)
     if _is_local(fs):
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{fs_path.rsplit('/', 1)[-1]}"
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, fs_path)
+        try:
+            with fs.open(tmp, "wb") as f:
+                f.write(data)
+            fs.mv(tmp, fs_path)
+        except BaseException:
+            # a failed write or rename leaves no temporary file behind (a killed process does:
+            # readers skip it, since only ``part-*`` names are shards)
+            with contextlib.suppress(OSError):
+                fs.rm(tmp)
+            raise
     else:
         with fs.open(fs_path, "wb") as f:
             f.write(data)
