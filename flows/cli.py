@@ -123,19 +123,31 @@ def verify(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Check every Parquet file under ROOT against its schema and its manifest; exit 1 on any problem."""
+    from collections import Counter
+
     from dalle_lightning.datasets.verify import verify_tree
 
     report = verify_tree(root)
     if as_json:
         typer.echo(
             json.dumps(
-                {"checked": report.checked, "rows": report.rows, "problems": report.problems}, indent=1
+                {
+                    "checked": report.checked,
+                    "rows": report.rows,
+                    "problems": report.problems,
+                    "findings": report.findings,
+                },
+                indent=1,
             )
         )
     else:
         for problem in report.problems:
             typer.echo(f"PROBLEM {problem}", err=True)
-        typer.echo(f"{report.checked} files, {report.rows} rows checked: {len(report.problems)} problem(s)")
+        kinds = Counter(f["kind"] for f in report.findings)
+        by_kind = f" ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))})" if kinds else ""
+        typer.echo(
+            f"{report.checked} files, {report.rows} rows checked: {len(report.problems)} problem(s){by_kind}"
+        )
     raise typer.Exit(0 if report.ok else 1)
 
 

@@ -40,8 +40,9 @@ def test_detects_changed_truncated_missing_and_unknown(tmp_path):
         layout.shard("sources", "d", "feed"),
     )
     problems = "\n".join(verify_tree(str(tmp_path)).problems)
-    assert f"{paths[0]}: sha256 differs" in problems or f"{paths[0]}: size" in problems
+    assert f"{paths[0]}: changed: " in problems
     assert f"{paths[0]}: 1 rows, manifest says 10" in problems
+    assert f"{paths[1]}: truncated: " in problems
     assert f"{paths[1]}: unreadable Parquet" in problems
     assert f"{paths[2]}: missing" in problems
     assert "part-feed.parquet: not recorded in any manifest" in problems
