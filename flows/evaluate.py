@@ -109,7 +109,7 @@ def evaluate(
     if dalle_ref.version:
         tags["dalle.evaluated_model_version"] = dalle_ref.version
     with _evaluation_run(dalle_ref.run_id, experiment, tags) as run:
-        mlflow.log_params(
+        tracking.log_params(
             {
                 **tracking.flatten_params("eval", config),
                 **tracking.flatten_params("captions", captions),

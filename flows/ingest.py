@@ -394,7 +394,7 @@ def _report(
         nested=mlflow.active_run() is not None,
         tags={"dalle.flow": "ingest", "dalle.stage": "ingest", "dalle.dataset": name},
     ) as parent:
-        mlflow.log_params({"root": layout.root, "dataset": name})
+        tracking.log_params({"root": layout.root, "dataset": name})
         mlflow.log_metrics(
             {"input": summary["input"], "downloaded": summary["downloaded"], "kept": summary["kept"]}
         )

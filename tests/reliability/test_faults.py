@@ -82,6 +82,7 @@ def test_dask_worker_killed_mid_tokenize_gives_byte_identical_shards(tmp_path, p
     assert marker["pid"] in {w["pid"] for w in workers}
     assert not _pid_alive(marker["pid"])  # the worker really died
     assert len(workers) >= 3  # two started, the nanny restarted the dead one
+    assert all(w["address"].startswith("tcp://127.0.0.1:") for w in workers)  # loopback only
 
     assert killed["rows"] == 24  # no row lost
     assert sum(killed["work"]["tokenize"].values()) == 4
