@@ -66,6 +66,7 @@ def kill_one_dask_worker(folder: Path, stage_module: str) -> Iterator[Path]:
     Yields ``folder``; after the block ``folder / "killed"`` names the pid that died.
     """
     import dask
+    import distributed  # noqa: F401  (loads its config defaults first: leaving the block restores them)
 
     folder.mkdir(parents=True, exist_ok=True)
     saved = {k: os.environ.get(k) for k in (FAULT_DIR_ENV, FAULT_STAGE_ENV)}
