@@ -422,7 +422,7 @@ def test_sbatch_job_steps_parse_and_export_the_settings_the_code_reads():
     for step in steps:
         sub = command.commands[step[2]]
         click_params(sub, concrete(step[3:], arrays))
-    exported = set(re.findall(r"^export (\w+)=", text, flags=re.M))
+    exported = set(re.findall(r"\bexport (\w+)", text))
     assert {"MLFLOW_TRACKING_URI", "PREFECT_API_URL"} <= exported
     for name in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
         assert env_read_by_flows(name), name
