@@ -156,7 +156,7 @@ def test_project_environment_points_at_the_compose_services_with_names_the_code_
         assert env_read_by_flows(name), f"nothing in flows/ reads ${name}"
     # every process that runs project code gets these settings
     for name in ("prefect-worker", "dask-worker", "dalle"):
-        assert services[name]["environment"] == env, name
+        assert services[name]["environment"].items() >= env.items(), name
 
 
 def test_prefect_worker_runs_a_process_worker_with_the_real_cli(services):
@@ -177,6 +177,15 @@ def test_prefect_worker_polls_the_work_pool_of_prefect_yaml(services):
     pools = {(d.get("work_pool") or {}).get("name") for d in deployments} - {None}
     assert pools, "prefect.yaml names no work pool"
     assert pools == {pool}, f"the compose worker polls {pool!r}, prefect.yaml's deployments use {pools}"
+    # the environment variables prefect.yaml's steps read ({{ $NAME }}) are set for the worker
+    wanted = set(re.findall(r"\{\{\s*\$(\w+)\s*\}\}", prefect_yaml.read_text()))
+    missing = wanted - set(services["prefect-worker"].get("environment") or {})
+    assert not missing, f"prefect.yaml reads {missing}, which the compose worker does not set"
+    # the checkout the runs start in is the image's working directory, where the sources are copied
+    project_dir = services["prefect-worker"]["environment"].get("DALLE_PROJECT_DIR")
+    if project_dir is not None:
+        workdirs = [a for kind, a in dockerfile_instructions(DOCKERFILE.read_text()) if kind == "WORKDIR"]
+        assert workdirs == [project_dir]
 
 
 def test_mlflow_server_on_postgres_and_minio_with_the_real_cli_and_documented_port(services):
