@@ -183,6 +183,10 @@ def test_prefect_worker_polls_the_work_pool_of_prefect_yaml(services):
     assert not missing, f"prefect.yaml reads {missing}, which the compose worker does not set"
     # the checkout the runs start in is the image's working directory, where the sources are copied
     project_dir = services["prefect-worker"]["environment"].get("DALLE_PROJECT_DIR")
+    copied = {
+        p for kind, a in dockerfile_instructions(DOCKERFILE.read_text()) if kind == "COPY" for p in a.split()
+    }
+    assert "prefect.yaml" in copied, "the image must hold prefect.yaml for `prefect deploy` / `dalle serve`"
     if project_dir is not None:
         workdirs = [a for kind, a in dockerfile_instructions(DOCKERFILE.read_text()) if kind == "WORKDIR"]
         assert workdirs == [project_dir]
