@@ -536,5 +536,27 @@ def test_readme_points_to_infra_and_names_the_services():
         assert needle in text, needle
 
 
+def test_readme_running_at_scale_names_the_same_pool_ports_and_files(services):
+    readme = (REPO / "README.md").read_text()
+    assert "## Running at scale" in readme
+    section = readme.split("## Running at scale", 1)[1].split("\n## ", 1)[0]
+    pool = option(argv(services["prefect-worker"]), "--pool")
+    assert f"--pool {pool}" in section and f"`{pool}`" in section
+    for port in (
+        option(argv(services["prefect-server"]), "--port"),
+        option(argv(services["mlflow"]), "--port"),
+        option(argv(services["dask-scheduler"]), "--port"),
+    ):
+        assert f"port {port}" in section, port
+    for path in (
+        "infra/docker-compose.yml",
+        "infra/slurm/train_dalle.sbatch",
+        "infra/dask_jobqueue_example.py",
+    ):
+        assert path in section and (REPO / path).exists(), path
+    for name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "DALLE_DASK_ADDRESS"):
+        assert name in section, name
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
