@@ -45,9 +45,12 @@ from dalle_lightning.stages.bpe import CaptionEncoder
 
 _BPE_TAG = 0xB9E  # keeps the BPE-dropout draws of a row apart from its crop's
 _CAPTION_TAG = 0xCA9  # and the caption transform's apart from both
+_NEGATIVE_TAG = 0x9E9  # and the hard negative's
 
 CaptionTransform = Callable[[str, np.random.Generator], str]
 """(caption, seeded generator) → the caption to train on."""
+NegativeCaption = Callable[[str, np.random.Generator], str | None]
+"""(caption, seeded generator) → a caption that must not match the image, or None (no negative)."""
 
 
 class PairShards(ShardIndex, Protocol):
@@ -136,7 +139,9 @@ class PairStream(IterableDataset):
     group (0 and 1 without one); the worker comes from the data loader.
     ``start_batch`` is the number of batches of ``batch_size`` this rank has
     consumed before. ``caption_transform`` (None: off) rewrites each caption
-    before it is encoded.
+    before it is encoded. With ``negative_caption`` each item also holds the
+    encoded hard negative of its (transformed) caption and whether it has one:
+    ``(image, text, negative text, has negative)``; a row without one gets pads.
     """
 
     def __init__(
@@ -153,6 +158,7 @@ class PairStream(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         caption_transform: CaptionTransform | None = None,
+        negative_caption: NegativeCaption | None = None,
     ) -> None:
         super().__init__()
         if image_size < 1:
@@ -176,6 +182,7 @@ class PairStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.caption_transform = caption_transform
+        self.negative_caption = negative_caption
 
     def _epochs(
         self, rank: int, world_size: int, worker: int, num_workers: int
@@ -213,7 +220,7 @@ class PairStream(IterableDataset):
             return item  # what random_crop_resize returns for it, without the round trip through PIL
         return np.asarray(random_crop_resize(_as_pil(item), size, rng, self.min_scale))
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         rank, world_size = rank_and_world(self.rank, self.world_size)
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -237,7 +244,16 @@ class PairStream(IterableDataset):
                 if last_use[shard] == i:
                     del loaded[shard]
                 image = torch.from_numpy(np.array(crop)).permute(2, 0, 1)  # (3, S, S) uint8, a writable copy
-                yield image, torch.from_numpy(text)
+                if self.negative_caption is None:
+                    yield image, torch.from_numpy(text)
+                    continue
+                negative_rng = np.random.default_rng([self.seed, epoch, shard, row, _NEGATIVE_TAG])
+                negative = self.negative_caption(caption, negative_rng)
+                negative_ids = np.full_like(text, self.encoder.pad_id)
+                if negative is not None:
+                    negative_ids, _ = self.encoder.encode(negative)
+                has_negative = torch.tensor(negative is not None)
+                yield image, torch.from_numpy(text), torch.from_numpy(negative_ids), has_negative
 
 
 class PairStreamDataModule(ResumableStreamDataModule):
@@ -260,9 +276,11 @@ class PairStreamDataModule(ResumableStreamDataModule):
         shuffle_buffer: int = 0,
         num_workers: int = 0,
         caption_transform: CaptionTransform | None = None,
+        negative_caption: NegativeCaption | None = None,
     ) -> None:
         super().__init__(batch_size, seed=seed, num_workers=num_workers)
         self.caption_transform = caption_transform
+        self.negative_caption = negative_caption
         self.shards = shards
         self.encoder = encoder
         self.image_size = image_size
@@ -286,6 +304,7 @@ class PairStreamDataModule(ResumableStreamDataModule):
             rank=rank,
             world_size=world_size,
             caption_transform=self.caption_transform,
+            negative_caption=self.negative_caption,
         )
         return DataLoader(
             stream,

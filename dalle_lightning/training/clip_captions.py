@@ -17,6 +17,14 @@ generator (:mod:`dalle_lightning.synth.shapes`): an optional word before a
 colour–shape pair is taken as its size word unless it is an article. A
 caption that names no such pair is kept as it is, so the augmentation is a
 no-op on other data.
+
+:func:`swapped_shape` makes the hard negative of a caption (NegCLIP,
+Yuksekgonul et al. 2023, "When and why vision-language models behave like
+bags-of-words"): the same caption with one object's shape word changed. With
+a batch of 64 random scenes an image's caption is told from the others by
+colour, size and position alone, and a CLIP trained that way never learns
+shape (its shape accuracy on lone objects stays at chance); scoring each image
+against its own caption with the shape swapped leaves shape as the only cue.
 """
 
 from __future__ import annotations
@@ -67,3 +75,15 @@ class ObjectCaptions:
 
     def __repr__(self) -> str:
         return f"ObjectCaptions(p={self.p})"
+
+
+def swapped_shape(caption: str, rng: np.random.Generator) -> str | None:
+    """``caption`` with the shape word of one of its colour–shape pairs changed to another shape, or
+    ``None`` when it names none."""
+    matches = list(_OBJECT.finditer(caption))
+    if not matches:
+        return None
+    match = matches[rng.integers(len(matches))]
+    others = [s for s in SHAPES if s != match.group(3).lower()]
+    start, end = match.span(3)
+    return caption[:start] + others[rng.integers(len(others))] + caption[end:]

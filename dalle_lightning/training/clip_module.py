@@ -25,6 +25,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dalle_lightning.models.clip import ClipConfig, ClipModel, contrastive_loss
@@ -43,6 +44,15 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+
+
+def contrastive_loss_with_negatives(logits_per_image: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """:func:`contrastive_loss` where each image is also scored against the hard negative captions
+    (NegCLIP, Yuksekgonul et al. 2023): image → text over ``[logits ‖ negatives]`` (B, 2B), text → image
+    as before. ``negatives[i, j]`` scores image ``i`` against negative caption ``j`` (``-inf``: none)."""
+    labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    image_to_text = F.cross_entropy(torch.cat([logits_per_image, negatives], dim=1), labels)
+    return 0.5 * (image_to_text + F.cross_entropy(logits_per_image.T, labels))
 
 
 def in_batch_accuracy(logits_per_image: torch.Tensor) -> torch.Tensor:
@@ -91,12 +101,19 @@ class ClipLightningModule(L.LightningModule):
             return features
         return self.all_gather(features, sync_grads=True).flatten(0, 1)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, ids = batch  # (B, 3, S, S), (B, L)
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        images, ids = batch[:2]  # (B, 3, S, S), (B, L)
         image_features = self._gather(self.model.encode_image(images))
         text_features = self._gather(self.model.encode_text(ids))
         logits = self.model.logits(image_features, text_features)  # (world · B, world · B)
-        loss = contrastive_loss(logits)
+        if len(batch) == 4:  # hard negative captions (B, L) and which rows have one (B,)
+            negative_features = self._gather(self.model.encode_text(batch[2]))
+            has_negative = self._gather(batch[3])
+            negatives = self.model.logits(image_features, negative_features)  # (world · B, world · B)
+            negatives = negatives.masked_fill(~has_negative.bool()[None, :], float("-inf"))
+            loss = contrastive_loss_with_negatives(logits, negatives)
+        else:
+            loss = contrastive_loss(logits)
         lr = self.optimizers().param_groups[0]["lr"] if self._trainer else self.hparams.lr
         self.log_dict(
             {

@@ -63,6 +63,10 @@ class ClipTrainConfig:
     """Probability of training an image with a short caption naming one object of its ``shapes`` caption
     ("a red circle") instead of the whole caption, so that short search queries match
     (:class:`~dalle_lightning.training.clip_captions.ObjectCaptions`); captions it cannot read are kept."""
+    shape_negatives: bool = False
+    """Score each image also against its caption with one object's shape word swapped (a hard negative,
+    NegCLIP; :func:`~dalle_lightning.training.clip_captions.swapped_shape`): without it a small batch
+    of ``shapes`` scenes is told apart by colour, size and position, and shape is never learned."""
     crop_min_scale: float = 1.0
     """Random crops take this share of an image's short side or more (1: position only, which keeps every
     object a caption names in the picture)."""
@@ -114,6 +118,8 @@ class ClipTrainConfig:
             raise ValueError(f"grad_clip must be a number > 0 or null, got {self.grad_clip!r}")
         if not 0.0 <= self.bpe_dropout < 1.0:
             raise ValueError(f"bpe_dropout must be in [0, 1), got {self.bpe_dropout!r}")
+        if not isinstance(self.shape_negatives, bool):
+            raise ValueError(f"shape_negatives must be true or false, got {self.shape_negatives!r}")
         if not 0.0 <= self.object_captions <= 1.0:
             raise ValueError(f"object_captions must be in [0, 1], got {self.object_captions!r}")
         if not 0.0 < self.crop_min_scale <= 1.0:
@@ -197,7 +203,7 @@ def train_clip(
     from dalle_lightning.data.pair_stream import PairStreamDataModule
     from dalle_lightning.models.clip import save_clip
     from dalle_lightning.stages.bpe import CaptionEncoder, load_bpe
-    from dalle_lightning.training.clip_captions import ObjectCaptions
+    from dalle_lightning.training.clip_captions import ObjectCaptions, swapped_shape
     from dalle_lightning.training.clip_module import ClipLightningModule
 
     if shards is None:
@@ -238,6 +244,7 @@ def train_clip(
         shuffle_buffer=config.shuffle_buffer,
         num_workers=config.num_workers,
         caption_transform=ObjectCaptions(config.object_captions) if config.object_captions > 0 else None,
+        negative_caption=swapped_shape if config.shape_negatives else None,
     )
     logger: Any = False
     if tracking_uri is not None:

@@ -154,3 +154,22 @@ def test_caption_transform_is_seeded_by_row_and_epoch_and_resumes(encoder):
         for e in range(3)
     ]
     assert epochs[0] != epochs[1] or epochs[1] != epochs[2]  # drawn anew each epoch
+
+
+def test_hard_negatives_come_with_their_row_and_pads_when_there_is_none(encoder):
+    def negative(caption: str, rng: np.random.Generator) -> str | None:
+        index = int(caption.split()[-1])
+        return None if index % 3 == 0 else caption.replace("number", "not")
+
+    shards = InMemoryPairShards(_images(12), [_caption(i) for i in range(12)], rows_per_shard=5)
+    items = _take(PairStream(shards, encoder, 8, batch_size=4, negative_caption=negative), 12)
+    for image, text, negative_ids, has_negative in items:
+        index = int(image[0, 0, 0])
+        assert bool(has_negative) == (index % 3 != 0)
+        if has_negative:
+            expected, _ = encoder.encode(_caption(index).replace("number", "not"))
+            assert torch.equal(negative_ids, torch.from_numpy(expected)) and not torch.equal(
+                negative_ids, text
+            )
+        else:
+            assert bool((negative_ids == PAD_ID).all())

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dalle_lightning.synth.shapes_dataset import ShapesConfig, make_example
-from dalle_lightning.training.clip_captions import ObjectCaptions, caption_objects
+from dalle_lightning.training.clip_captions import ObjectCaptions, caption_objects, swapped_shape
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -54,3 +54,35 @@ def test_draws_come_from_the_generator_and_other_captions_are_kept():
 def test_bad_probability_is_a_value_error(p):
     with pytest.raises(ValueError, match="p must be"):
         ObjectCaptions(p)
+
+
+def test_swapped_shape_changes_one_shape_word_and_nothing_else():
+    from dalle_lightning.synth.shapes import SHAPES
+
+    for seed, (_, caption, _) in enumerate(_examples(100)):
+        negative = swapped_shape(caption, np.random.default_rng(seed))
+        assert negative == swapped_shape(caption, np.random.default_rng(seed))
+        before, after = caption.split(), negative.split()
+        changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
+        assert len(changed) == 1 and changed[0][0] in SHAPES and changed[0][1] in SHAPES, (caption, negative)
+    assert swapped_shape("a photo of a dog", np.random.default_rng(0)) is None
+
+
+def test_hard_negatives_enter_the_image_to_text_side_of_the_loss():
+    import torch
+    import torch.nn.functional as F
+
+    from dalle_lightning.models.clip import contrastive_loss
+    from dalle_lightning.training.clip_module import contrastive_loss_with_negatives
+
+    logits = torch.randn(5, 5, generator=torch.Generator().manual_seed(0)) * 3
+    none = torch.full((5, 5), float("-inf"))
+    assert torch.allclose(contrastive_loss_with_negatives(logits, none), contrastive_loss(logits))
+    negatives = torch.randn(5, 5, generator=torch.Generator().manual_seed(1)) * 3
+    negatives[:, 2] = float("-inf")  # row 2 has no negative
+    labels = torch.arange(5)
+    expected = 0.5 * (
+        F.cross_entropy(torch.cat([logits, negatives], 1), labels) + F.cross_entropy(logits.T, labels)
+    )
+    assert torch.allclose(contrastive_loss_with_negatives(logits, negatives), expected)
+    assert contrastive_loss_with_negatives(logits, negatives) > contrastive_loss(logits)
