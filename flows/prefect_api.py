@@ -21,9 +21,15 @@ def prefect_api() -> Iterator[str | None]:
     """Ensure every process of this command talks to one Prefect API; yields its URL."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    current = PREFECT_API_URL.value()
-    if current:
-        yield current
+    # the environment wins over a profile, as in Prefect; read it here too, since Prefect
+    # reads it only once, at import, and the variable may have been set after that
+    configured = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    if configured:
+        if PREFECT_API_URL.value() == configured:
+            yield configured
+        else:
+            with temporary_settings(updates={PREFECT_API_URL: configured}):
+                yield configured
         return
     from prefect.server.api.server import SubprocessASGIServer
 
