@@ -99,7 +99,7 @@ def pipeline(
             run_name="pipeline", tags={"dalle.flow": "pipeline", "dalle.dataset": dataset}
         ) as run,
     ):
-        mlflow.log_params(
+        tracking.log_params(
             _pipeline_params(
                 {
                     "root": root,
@@ -291,7 +291,7 @@ def _did_work(stage: str, result: dict[str, Any]) -> bool:
     if "did_work" in result:
         return bool(result["did_work"])
     work = result.get("work", {})
-    return any(counts.get("done", 0) for counts in work.values())
+    return any(counts.get("executed", 0) for counts in work.values())
 
 
 def _summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
