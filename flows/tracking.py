@@ -92,8 +92,15 @@ def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
     return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+ARTIFACTS_ENV = "DALLE_MLFLOW_ARTIFACTS"
+"""Artifact root (``s3://bucket/mlflow``, a folder) of the experiments :func:`setup` creates."""
+
+
 def _artifact_location(tracking_uri: str) -> str | None:
-    """Artifacts beside a local SQLite store (``<db dir>/mlartifacts``); the server decides otherwise."""
+    """``$DALLE_MLFLOW_ARTIFACTS`` when set (runs get ``<it>/<run id>/artifacts``); else artifacts beside
+    a local SQLite store (``<db dir>/mlartifacts``); else the server decides."""
+    if os.environ.get(ARTIFACTS_ENV):
+        return os.environ[ARTIFACTS_ENV].rstrip("/")
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri.removeprefix("sqlite:///")).resolve()
         return (db.parent / "mlartifacts").as_uri()
