@@ -206,7 +206,8 @@ def test_mlflow_server_on_postgres_and_minio_with_the_real_cli_and_documented_po
     # the backend store is the database the init script creates, on the postgres service
     sql = (COMPOSE.parent / "postgres" / "10-create-mlflow-db.sql").read_text()
     (db_name,) = re.findall(r"CREATE DATABASE (\w+)", sql)
-    assert params["backend_store_uri"].startswith("postgresql://")
+    # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the image installs psycopg2
+    assert params["backend_store_uri"].startswith("postgresql+psycopg2://")
     assert params["backend_store_uri"].endswith(f"@postgres:5432/{db_name}")
     mounts = services["postgres"]["volumes"]
     assert any(
