@@ -97,6 +97,10 @@ class DownloadConfig:
     declares, before anything decodes it, so it bounds decode memory (a decompression bomb of a few
     kilobytes can declare 20,000 × 20,000 pixels); ``float("inf")`` turns the cap off."""
 
+    max_bytes: int = 32 * 2**20
+    """Largest response body accepted: a longer one (by its ``Content-Length``, or as it arrives) fails
+    the row as ``failed_to_download`` with ``response body over max_bytes`` and is not kept in memory."""
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "disallowed_header_directives", tuple(self.disallowed_header_directives))
         _check(self.image_size >= 1, "image_size", self.image_size, "an integer >= 1")
@@ -124,6 +128,7 @@ class DownloadConfig:
         _check(ok, "disallowed_header_directives", directives, "non-empty strings")
         _check(self.min_image_size >= 0, "min_image_size", self.min_image_size, "an integer >= 0")
         _check(self.max_image_area > 0, "max_image_area", self.max_image_area, "a number of pixels > 0")
+        _check(self.max_bytes >= 1, "max_bytes", self.max_bytes, "an integer >= 1")
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:
@@ -294,10 +299,58 @@ def _write_scratch_shard(source: pa.Table, folder: str, rows: list[int]) -> str:
     return path
 
 
+_BODY_CAP = {
+    "bytes": DownloadConfig.max_bytes
+}  # the running shard's max_bytes (Dask workers run one task each)
+
+
+def _capped_download_image(
+    row: tuple, timeout: float, user_agent_token: str | None, disallowed_header_directives: list | None
+) -> tuple:
+    """img2dataset's ``download_image`` (same arguments and result) reading at most ``_BODY_CAP`` bytes."""
+    import http.client
+    import urllib.request
+
+    from img2dataset.downloader import is_disallowed
+
+    key, url = row
+    cap = _BODY_CAP["bytes"]
+    agent = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
+    if user_agent_token:
+        agent += f" (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
+    try:
+        request = urllib.request.Request(url, data=None, headers={"User-Agent": agent})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            if disallowed_header_directives and is_disallowed(
+                response.headers, user_agent_token, disallowed_header_directives
+            ):
+                return key, None, "Use of image disallowed by X-Robots-Tag directive"
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > cap:
+                return (
+                    key,
+                    None,
+                    f"response body over max_bytes ({declared} > {cap} bytes, by Content-Length)",
+                )
+            body = response.read(cap + 1)
+        if declared and declared.isdigit() and len(body) < int(declared):  # read(n) returns what came
+            raise http.client.IncompleteRead(body, int(declared) - len(body))
+        if len(body) > cap:
+            return key, None, f"response body over max_bytes (more than {cap} bytes)"
+        return key, io.BytesIO(body), None
+    except Exception as err:  # a failed URL is a row status, as in img2dataset
+        return key, None, str(err)
+
+
 def _make_downloader(config: DownloadConfig, scratch: str, sink: list, rows: int) -> Any:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would query PyPI on import
+    import img2dataset.downloader
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
+
+    # img2dataset reads whole bodies; its retry loop calls this module global, so the cap goes in there
+    img2dataset.downloader.download_image = _capped_download_image
+    _BODY_CAP["bytes"] = config.max_bytes
 
     resizer = Resizer(
         image_size=config.image_size,

@@ -38,8 +38,9 @@ class Route:
     action: str = "respond"
     """``respond`` (``status`` with ``body`` and ``headers``; an error page for a status other than 200),
     ``redirect`` (``status`` and ``headers``, no body), ``redirect_loop`` (302 to itself), ``reset`` (RST
-    before any byte), ``cut`` (headers and half the body, then close) or ``stall`` (headers, then the
-    body only after :data:`STALL_SECONDS`)."""
+    before any byte), ``cut`` (headers and half the body, then close), ``stall`` (headers, then the
+    body only after :data:`STALL_SECONDS`) or ``unannounced`` (the body with no ``Content-Length``, ended
+    by closing the connection)."""
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -80,7 +81,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.send_response(200)
         self.send_header("Content-Type", route.content_type)
-        self.send_header("Content-Length", str(len(route.body)))
+        if route.action == "unannounced":
+            self.close_connection = True
+        else:
+            self.send_header("Content-Length", str(len(route.body)))
         for name, value in route.headers:
             self.send_header(name, value)
         self.end_headers()

@@ -49,6 +49,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 TIMEOUT = 2.0  # download timeout; the stalled route waits STALL_SECONDS (far longer)
 MAX_AREA = 5_000_000  # pixel cap of this run (the default is PIL's ~89.5 Mpx)
+MAX_BYTES = 2_000_000  # body size cap of this run (the default is 32 MiB)
 FAILED_DL, FAILED_RESIZE, SUCCESS = "failed_to_download", "failed_to_resize", "success"
 INVALID_UTF8 = b"caf\xe9 au lait on a wooden table"  # Latin-1, not UTF-8
 _INVALID_MARK = "@@INVALID-UTF8@@"
@@ -153,6 +154,19 @@ CASES: list[Case] = [
     ),
     Case(
         "stalled_body", Route(body=png(texture(seed=2)), action="stall"), status=FAILED_DL, error=r"timed out"
+    ),
+    # bodies over the size cap: refused by the declared length, or cut off as they arrive
+    Case(
+        "body_over_max_bytes",
+        Route(body=bytes(MAX_BYTES + 1)),
+        status=FAILED_DL,
+        error=rf"^response body over max_bytes \({MAX_BYTES + 1} > {MAX_BYTES} bytes, by Content-Length\)$",
+    ),
+    Case(
+        "body_over_max_bytes_unannounced",
+        Route(body=bytes(2 * MAX_BYTES), action="unannounced"),
+        status=FAILED_DL,
+        error=rf"^response body over max_bytes \(more than {MAX_BYTES} bytes\)$",
     ),
     # bodies that are not (whole) images
     Case("zero_byte_body", Route(body=b""), status=FAILED_RESIZE, error=r"^empty response body \(0 bytes\)$"),
@@ -307,7 +321,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict:
         source_path = str(tmp / "sources" / f"part-{shard.shard_id}.parquet")
         write_parquet_atomic(shard.table, source_path, sources_schema)
         download_path = str(tmp / "download" / f"part-{shard.shard_id}.parquet")
-        config = DownloadConfig(timeout=TIMEOUT, thread_count=8, max_image_area=MAX_AREA)
+        config = DownloadConfig(timeout=TIMEOUT, thread_count=8, max_image_area=MAX_AREA, max_bytes=MAX_BYTES)
         result = download_shard(source_path, download_path, config, shard_id=shard.shard_id)
         hits = dict(server.hits)
     filter_config = FilterConfig()

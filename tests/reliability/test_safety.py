@@ -225,6 +225,9 @@ def test_download_defaults_fetch_only_http_and_cap_pixels():
     assert config.timeout <= 30
     with pytest.raises(ValueError, match="max_image_area"):
         download.DownloadConfig(max_image_area=0)
+    assert config.max_bytes <= 64 * 2**20  # a huge body fails, by default
+    with pytest.raises(ValueError, match="max_bytes"):
+        download.DownloadConfig(max_bytes=0)
 
 
 # --- no secret in MLflow or in the logs -------------------------------------------------------------
