@@ -95,7 +95,7 @@ def train_clip(
         logger.info("train_clip: model fitted to the BPE: %s", changed)
     data_fp = dataset_fingerprint(layout, "filter", dataset)
     run_fp = fingerprint("train_clip", STAGE_VERSION, config, data_fp, bpe_fp)
-    out_dir = Path(layout.join("models", "clip", run_fp))
+    out_dir = Path(layout.model_dir("clip", run_fp))
     result_path = out_dir / "result.json"
     if result_path.exists():
         result = json.loads(result_path.read_text())

@@ -182,7 +182,7 @@ def train_dalle(
         logger.info("train_dalle: model fitted to the BPE and the tokens: %s", changed)
     data_fp = dataset_fingerprint(layout, tokens_stage(version), dataset)
     run_fp = fingerprint("train_dalle", STAGE_VERSION, config, data_fp, bpe_fp)
-    out_dir = Path(layout.join("models", "dalle", run_fp))
+    out_dir = Path(layout.model_dir("dalle", run_fp))
     result_path = out_dir / "result.json"
     if result_path.exists():
         result = json.loads(result_path.read_text())

@@ -60,7 +60,7 @@ def train_dvae(
     config = preset_with_overrides(preset, overrides or {})
     data_fp = dataset_fingerprint(layout, "filter", dataset)
     run_fp = fingerprint("train_dvae", config, data_fp)
-    out_dir = layout.join("models", "dvae", run_fp)
+    out_dir = layout.model_dir("dvae", run_fp)
     result_path = Path(out_dir) / "result.json"
     if result_path.exists():
         result = json.loads(result_path.read_text())

@@ -11,10 +11,14 @@ The root may be a local path or any fsspec URL (``s3://bucket/prefix``).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
 import fsspec
+
+MODELS_DIR_ENV = "DALLE_MODELS_DIR"
+"""Local folder for the training runs of a dataset root on an object store (default ``~/.cache/dalle-lightning/models``)."""
 
 PART_RE = re.compile(r"^part-([0-9a-f]+)\.parquet$")
 
@@ -60,6 +64,25 @@ class DatasetLayout:
 
     def shard(self, stage: str, name: str, shard_id: str, *sub: str) -> str:
         return self.join(stage, name, *sub, part_name(shard_id))
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.root or self.root.startswith(("file://", "local://"))
+
+    def model_dir(self, kind: str, run: str) -> str:
+        """Local folder of one training run (``kind``: dvae, dalle, clip): ``<root>/models/<kind>/<run>``.
+
+        Training writes checkpoints as files, so for a root on an object store the
+        folder is local instead: ``$DALLE_MODELS_DIR/<protocol>/<bucket>/<prefix>/<kind>/<run>``
+        (the models themselves are logged to MLflow, which keeps them with its artifacts).
+        """
+        if self.is_local:
+            return self.join("models", kind, run).removeprefix("file://").removeprefix("local://")
+        protocol, rest = self.root.split("://", 1)
+        base = os.environ.get(MODELS_DIR_ENV) or os.path.join(
+            os.path.expanduser("~"), ".cache", "dalle-lightning", "models"
+        )
+        return os.path.join(base, protocol, *rest.split("/"), kind, run)
 
     def manifest(self, stage: str, name: str, shard_id: str) -> str:
         return self.join("_manifests", stage, name, f"{shard_id}.json")

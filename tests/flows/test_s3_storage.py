@@ -2,8 +2,8 @@
 
 A ``moto`` S3 server on 127.0.0.1 stands in for the object store; the AWS
 endpoint and fake credentials go through the environment, as a user would set
-them for MinIO or S3 (``AWS_ENDPOINT_URL`` for s3fs/botocore,
-``MLFLOW_S3_ENDPOINT_URL`` for MLflow). The tests run in file order on one
+them for MinIO or S3 (``AWS_ENDPOINT_URL``: s3fs, boto3 and MLflow's
+artifact store all read it). The tests run in file order on one
 bucket: ingest with the URL list and the dataset root in the bucket, a re-run
 that skips, ``dalle verify``, tokenize, then an MLflow experiment whose
 artifacts live in the bucket.
@@ -48,7 +48,6 @@ def s3(prefect_harness):
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL": endpoint,
-        "MLFLOW_S3_ENDPOINT_URL": endpoint,
         # no user configuration or metadata service may leak in
         "AWS_CONFIG_FILE": os.devnull,
         "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
@@ -57,7 +56,8 @@ def s3(prefect_harness):
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)  # Dask workers started later inherit them
-        mp.delenv("AWS_PROFILE", raising=False)
+        for key in ("AWS_PROFILE", "MLFLOW_S3_ENDPOINT_URL", "FSSPEC_S3"):
+            mp.delenv(key, raising=False)
         fsspec.filesystem("s3").clear_instance_cache()
         client = boto3.client("s3", endpoint_url=endpoint)
         client.create_bucket(Bucket=BUCKET)
@@ -287,3 +287,52 @@ def test_mlflow_helpers_with_an_s3_artifact_location(s3, tmp_path, monkeypatch):
     local = client.download_artifacts(run.info.run_id, "counts/summary.json", str(tmp_path))
     assert json.loads(Path(local).read_text()) == {"kept": 7}
     assert f"other/{run.info.run_id}/artifacts/counts/summary.json" in _keys(s3["client"], "other/")
+
+
+# a few optimisation steps per model (as in test_pipeline.py): orchestration and storage, not quality
+PIPELINE_MICRO = {
+    "shard_size": 20,
+    "dvae_overrides": {"train": {"max_steps": 4, "decoder_finetune_steps": 0, "recon_every_n_steps": 2}},
+    "dalle_overrides": {
+        "model": {"n_embd": 32, "n_head": 2},
+        "train": {"max_steps": 3, "warmup_steps": 1, "sample_every_n_steps": 100, "sample_count": 1},
+    },
+    "clip_overrides": {"train": {"max_steps": 3, "warmup_steps": 1, "batch_size": 16}},
+    "bpe_vocab_size": 300,
+    "eval_source": "shapes",
+    "eval_captions": 4,
+    "eval_n_max": 2,
+    "eval_overrides": {"grid_captions": 2, "grid_top": 2},
+    "promote_metric": "clip_score_n2",
+    "experiment": "s3-pipeline",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_pipeline_on_an_s3_root(s3, tmp_path, monkeypatch):
+    """Every stage with the root in the bucket (micro settings): the data, BPE and evaluation record in the
+    bucket, the models in a local folder; a second run does nothing. The default tests above cover the data
+    stages; this one the training stages around them."""
+    from dalle_lightning.serving.image_server import ImageServer, url_list_for_folder
+    from dalle_lightning.synth.shapes_dataset import ShapesConfig, write_shapes_dataset
+    from flows.pipeline import STAGES, run_pipeline
+
+    monkeypatch.setenv("DALLE_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("DALLE_MLFLOW_ARTIFACTS", f"s3://{BUCKET}/pipeline-mlflow")
+    write_shapes_dataset(str(tmp_path / "served"), ShapesConfig(n=40, size=64, seed=5))
+    root = f"s3://{BUCKET}/pipeline"
+    params = {**PIPELINE_MICRO, "tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"}
+    with ImageServer(str(tmp_path / "served")) as server:
+        url_list_for_folder(server, str(tmp_path / "served" / "urls.parquet"))
+        urls = [str(tmp_path / "served" / "urls.parquet")]
+        first = run_pipeline(root, dask_address=s3["dask"], dataset="t", urls=urls, **params)
+        second = run_pipeline(root, dask_address=s3["dask"], dataset="t", urls=urls, **params)
+    assert first["did_work"] == dict.fromkeys(STAGES, True)
+    assert second["did_work"] == dict.fromkeys(STAGES, False)
+    assert first["tokenize"]["rows"] == first["ingest"]["kept"] == 40
+    keys = _keys(s3["client"], "pipeline/")
+    for folder in ("filter/t/", "tokens/", "bpe/t/", "evaluations/"):
+        assert any(k.startswith(f"pipeline/{folder}") for k in keys), folder
+    assert first["train_dvae"]["model_path"].startswith(str(tmp_path / "models" / "s3" / BUCKET / "pipeline"))
+    assert _keys(s3["client"], "pipeline-mlflow/")  # the runs' artifacts
