@@ -204,7 +204,7 @@ def tokenize(
     """Encode the filtered images into dVAE codes (flow `tokenize`): only shards not yet done with this dVAE."""
     from dalle_lightning.config_overrides import build, load_sections
     from dalle_lightning.stages.tokenize import TokenizeConfig
-    from flows.tokenize import run_tokenize
+    from flows.tokenize_images import run_tokenize
 
     sections = load_sections(None, set_ or [])
     summary = run_tokenize(

@@ -22,7 +22,7 @@ from dalle_lightning.stages import embed as embed_stage
 from dalle_lightning.stages.embed import EmbedConfig
 from flows import tracking
 from flows.ingest import _by_fingerprint, _collect, _submit
-from flows.tokenize import _filter_shards
+from flows.tokenize_images import _filter_shards
 
 
 def embeddings_stage(clip_version: str) -> str:

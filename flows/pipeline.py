@@ -79,7 +79,7 @@ def pipeline(
     from dalle_lightning.stages.filter import FilterConfig
     from flows.ingest import ingest
     from flows.runners import dask_cluster_address
-    from flows.tokenize import tokenize
+    from flows.tokenize_images import tokenize
     from flows.train_bpe import train_bpe
     from flows.train_clip import train_clip
     from flows.train_dalle import train_dalle

@@ -160,7 +160,7 @@ def train_dalle(
 ) -> dict[str, Any]:
     """Train the transformer from ``preset`` (+ ``overrides``) on ``tokens/<dvae version>/<dataset>``."""
     from dalle_lightning.stages.bpe import bpe_fingerprint, load_bpe
-    from flows.tokenize import tokens_stage
+    from flows.tokenize_images import tokens_stage
 
     logger = get_run_logger()
     layout = DatasetLayout(root)

@@ -105,7 +105,7 @@ def prepare_job(
     from dalle_lightning.stages.bpe import bpe_fingerprint, load_bpe
     from flows import tracking
     from flows.lineage import dataset_fingerprint
-    from flows.tokenize import tokens_stage
+    from flows.tokenize_images import tokens_stage
     from flows.train_dalle import (
         STAGE_VERSION,
         _resolve_dvae,

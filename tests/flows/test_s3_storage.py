@@ -214,7 +214,7 @@ def test_tokenize_reads_and_writes_the_bucket(s3, ingested, tmp_path):
 
     from dalle_lightning.datasets.verify import verify_tree
     from dalle_lightning.models.dvae import DiscreteVAE, DVAEConfig, dvae_version, save_dvae
-    from flows.tokenize import run_tokenize
+    from flows.tokenize_images import run_tokenize
 
     torch.manual_seed(0)
     model = DiscreteVAE(DVAEConfig(image_size=32, n_hid=8, n_blk_per_group=1, group_count=3, vocab_size=32))

@@ -23,7 +23,7 @@ def _tiny_dvae(path: Path, seed: int) -> str:
 
 def test_tokenize_flow_is_incremental_per_dvae(tmp_path, prefect_harness, write_filtered_dataset):
     from dalle_lightning.datasets.verify import verify_tree
-    from flows.tokenize import run_tokenize
+    from flows.tokenize_images import run_tokenize
 
     write_filtered_dataset(tmp_path / "root", "t")
     first = _tiny_dvae(tmp_path / "a.pt", seed=0)

@@ -45,7 +45,7 @@ def test_train_dalle_flow_logs_the_run_and_registers_the_model_with_lineage(
     from dalle_lightning.training.dalle_train import load_dalle
     from flows.lineage import dataset_fingerprint
     from flows.models_registry import resolve_checkpoint
-    from flows.tokenize import tokenize, tokens_stage
+    from flows.tokenize_images import tokenize, tokens_stage
     from flows.train_bpe import train_bpe
     from flows.train_dalle import train_dalle
 

@@ -76,7 +76,7 @@ def test_sbatch_trains_logs_and_registers_like_the_flow(tmp_path, prefect_harnes
     import mlflow
 
     from dalle_lightning.stages.bpe import BPEConfig
-    from flows.tokenize import tokenize
+    from flows.tokenize_images import tokenize
     from flows.train_bpe import train_bpe
     from flows.train_dalle import train_dalle
 

@@ -66,7 +66,7 @@ def _pid_alive(pid: int) -> bool:
 
 def test_dask_worker_killed_mid_tokenize_gives_byte_identical_shards(tmp_path, prefect_harness):
     from dalle_lightning.datasets.verify import verify_tree
-    from flows.tokenize import run_tokenize
+    from flows.tokenize_images import run_tokenize
 
     dvae = tiny_dvae(tmp_path / "dvae.pt")
     write_filtered_dataset(tmp_path / "killed", "t", shards=4, per_shard=6)
@@ -308,7 +308,7 @@ def test_a_failing_rename_inside_a_flow_exposes_nothing_and_the_rerun_completes(
     from dalle_lightning.datasets.manifest import read_manifest
     from dalle_lightning.datasets.parquet_io import list_parts
     from dalle_lightning.datasets.verify import verify_tree
-    from flows.tokenize import tokenize, tokens_stage
+    from flows.tokenize_images import tokenize, tokens_stage
 
     dvae = tiny_dvae(tmp_path / "dvae.pt")
     root = tmp_path / "root"
@@ -346,7 +346,7 @@ def test_a_failing_rename_inside_a_flow_exposes_nothing_and_the_rerun_completes(
 def test_deleting_the_prefect_database_still_skips_finished_shards(tmp_path):
     from prefect.client.orchestration import get_client
 
-    from flows.tokenize import tokenize
+    from flows.tokenize_images import tokenize
 
     dvae = tiny_dvae(tmp_path / "dvae.pt")
     root = tmp_path / "root"
@@ -385,7 +385,7 @@ def test_a_transient_task_failure_is_retried_and_succeeds(tmp_path, prefect_harn
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     import dalle_lightning.stages.tokenize as tokenize_stage
-    from flows.tokenize import tokenize
+    from flows.tokenize_images import tokenize
 
     dvae = tiny_dvae(tmp_path / "dvae.pt")
     root = tmp_path / "root"

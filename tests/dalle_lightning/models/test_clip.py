@@ -78,7 +78,7 @@ def _batch(config: ClipConfig = TINY, batch: int = 4, seed: int = 0) -> tuple[to
         ("vision_width", 30),  # not a multiple of vision_heads 4
         ("text_width", 0),
         ("text_pad_id", 300),
-        ("vision_pool", "max"),
+        ("vision_pool", "median"),
         ("text_attention", "sparse"),
         ("text_pool", "first"),
         ("max_logit_scale", 1.0),
@@ -102,7 +102,7 @@ def test_defaults_are_the_papers_temperature_and_clip():
     assert float(model.scale().detach()) == pytest.approx(100.0)
 
 
-@pytest.mark.parametrize("vision_pool", ["cls", "mean"])
+@pytest.mark.parametrize("vision_pool", ["cls", "mean", "max"])
 @pytest.mark.parametrize(("attention", "pool"), [("causal", "last"), ("bidirectional", "mean")])
 def test_shapes_and_unit_length_embeddings(vision_pool, attention, pool):
     config = replace(TINY, vision_pool=vision_pool, text_attention=attention, text_pool=pool)
@@ -116,6 +116,26 @@ def test_shapes_and_unit_length_embeddings(vision_pool, attention, pool):
     assert loss.ndim == 0 and torch.isfinite(loss) and logits.shape == (4, 4)
     # different inputs, different embeddings (the encoders are not constant at initialisation)
     assert (image_embeddings @ image_embeddings.T).triu(1).max() < 0.999
+
+
+def test_max_pooling_takes_each_channel_from_its_strongest_patch():
+    """``vision_pool: max`` is the per-channel maximum over the patches' projected features: it has no class
+    token, and changing one patch moves the embedding only in channels where that patch is the maximum."""
+    config = replace(TINY, vision_pool="max", vision_layers=1)
+    model = _model(config)
+    assert model.image_encoder.class_token is None
+    assert model.image_encoder.position.shape == (config.num_patches, config.vision_width)
+    images, _ = _batch(config)
+    encoder = model.image_encoder
+    with torch.no_grad():
+        x = (images - model.image_mean) / model.image_std
+        tokens = encoder.patchify(x).flatten(2).transpose(1, 2)
+        tokens = encoder.ln_pre(tokens + encoder.position)
+        for block in encoder.blocks:
+            tokens = block(tokens)
+        per_patch = encoder.proj(encoder.ln_post(tokens))  # (B, N, D)
+        expected = F.normalize(per_patch.max(dim=1).values, dim=-1)
+        torch.testing.assert_close(model.encode_image(images), expected)
 
 
 def test_uint8_images_are_read_as_fractions_and_wrong_sizes_rejected():

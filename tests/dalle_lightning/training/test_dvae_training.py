@@ -358,11 +358,11 @@ def test_module_entry_point_trains_from_the_filtered_dataset(tmp_path):
         train_dvae(MICRO, data_root=str(tmp_path / "data"), dataset="missing", out_dir=tmp_path / "x")
 
 
-@pytest.mark.slow  # the 95 % target is not reached yet within the CPU budget (issue 3): run with -m slow
+@pytest.mark.slow  # fails: 95 % is not reached (38 % at the preset's 800 updates, 2026-11-25; issue 3)
 @pytest.mark.timeout(600)
 def test_tiny_dvae_overfits_64_shapes_images_so_the_checker_reads_them_back(tmp_path):
     """The issue's learning test: ≥ 95 % of the token reconstructions read back as the ground truth."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     config = replace(load_preset("tiny"), recon_every_n_steps=10_000, checkpoint_every_n_steps=10_000)
     images, truths = _shapes(64, config.model.image_size)
     start = time.perf_counter()
