@@ -15,6 +15,31 @@ from collections.abc import Iterator
 from prefect_dask import DaskTaskRunner
 
 DEFAULT_WORKERS = 2
+DASK_SPAWN_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MALLOC_TRIM_THRESHOLD_",
+)
+"""What ``distributed.nanny.pre-spawn-environ`` sets: a ``LocalCluster``'s nannies write them into
+*this* process's environment when they start their workers, and leave them there."""
+_USER_SPAWN_VARIABLES = {name: os.environ.get(name) for name in DASK_SPAWN_VARIABLES}  # before any cluster
+
+
+def subprocess_environment(**extra: str) -> dict[str, str]:
+    """This process's environment for a child such as a training run, without what Dask put in it.
+
+    After a local cluster has started, ``OMP_NUM_THREADS=1`` (and the like) sit in
+    ``os.environ``, and a training process started from it would run on one core.
+    The values the user had set before are kept.
+    """
+    env = dict(os.environ)
+    for name, value in _USER_SPAWN_VARIABLES.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return {**env, **extra}
 
 
 def dask_task_runner(address: str | None = None, n_workers: int | None = None) -> DaskTaskRunner:
@@ -78,3 +103,5 @@ def quiet_dask_logs() -> None:
         "distributed.worker",
     ):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # "Shuffle … initialized / deactivated" on every dedup step: bookkeeping, not a warning to the user
+    logging.getLogger("distributed.shuffle._scheduler_plugin").setLevel(logging.ERROR)

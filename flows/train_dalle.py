@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +41,7 @@ from dalle_lightning.datasets.fingerprint import fingerprint
 from dalle_lightning.datasets.layout import DatasetLayout
 from flows import tracking
 from flows.lineage import dataset_fingerprint
+from flows.runners import subprocess_environment
 
 STAGE_VERSION = 1
 
@@ -233,7 +233,7 @@ def train_dalle(
             command += ["--resume-from", str(resume)]
             logger.info("train_dalle: resuming the interrupted run from %s", resume)
         logger.info("train_dalle: %s", " ".join(command))
-        subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        subprocess.run(command, check=True, env=subprocess_environment(PYTHONUNBUFFERED="1"))
         trained = json.loads((out_dir / "train-result.json").read_text())
         tracking.log_dataset(
             layout.join("tokens", version, dataset),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from dalle_lightning.datasets.fingerprint import fingerprint
 from dalle_lightning.datasets.layout import DatasetLayout
 from flows import tracking
 from flows.lineage import dataset_fingerprint
+from flows.runners import subprocess_environment
 
 
 def preset_with_overrides(preset: str, overrides: dict[str, dict[str, Any]]) -> Any:
@@ -96,7 +96,7 @@ def train_dvae(
             str(Path(out_dir) / "train-result.json"),
         ]
         logger.info("train_dvae: %s", " ".join(command))
-        subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        subprocess.run(command, check=True, env=subprocess_environment(PYTHONUNBUFFERED="1"))
         trained = json.loads((Path(out_dir) / "train-result.json").read_text())
         version = dvae_version(trained["model_path"])
         tags = {"dalle.dataset": dataset, "dalle.fingerprint.data": data_fp, "dalle.dvae_version": version}

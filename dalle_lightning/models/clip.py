@@ -11,8 +11,8 @@ Reading order:
 
 1. :class:`ClipConfig` — sizes of both encoders, the embedding and the temperature.
 2. :class:`Block` (pre-LN attention + MLP) shared by both towers.
-3. :class:`ImageEncoder` — patchify convolution, a class token (or mean pooling),
-   learned position embeddings, pre-LN blocks, a linear projection (Sec. 2.4).
+3. :class:`ImageEncoder` — patchify convolution, a class token (or mean or max
+   pooling), learned position embeddings, pre-LN blocks, a linear projection (Sec. 2.4).
 4. :class:`TextEncoder` — token and position embeddings, causal or
    bidirectional attention over the BPE ids (pads masked), the features at the
    last real token or the mean over real tokens, a linear projection.
@@ -40,7 +40,7 @@ IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 """Per-channel mean the image encoder subtracts from images in [0, 1] (OpenAI CLIP's)."""
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 """Per-channel std the image encoder divides by (OpenAI CLIP's)."""
-VISION_POOLS = ("cls", "mean")
+VISION_POOLS = ("cls", "mean", "max")
 TEXT_ATTENTIONS = ("causal", "bidirectional")
 TEXT_POOLS = ("last", "mean")
 FILE_FORMAT = "dalle-lightning/clip/1"
@@ -61,7 +61,9 @@ class ClipConfig:
     vision_heads: int = 12
     """Attention heads of the image transformer; ``vision_width`` must be a multiple."""
     vision_pool: str = "cls"
-    """``cls``: the class token's output (the paper); ``mean``: the mean over the patch tokens."""
+    """``cls``: the class token's output (the paper); ``mean``: the mean over the patch tokens; ``max``:
+    the per-channel maximum over the patch tokens' projected features (global max pooling), which does
+    not dilute a small object's few patches with the background."""
     text_len: int = 77
     """Text positions; captions are cut or padded with ``text_pad_id`` to this length."""
     text_vocab: int = 49408
@@ -218,6 +220,7 @@ class ImageEncoder(nn.Module):
     def __init__(self, config: ClipConfig) -> None:
         super().__init__()
         c = config
+        self.pool = c.vision_pool
         self.patchify = nn.Conv2d(3, c.vision_width, c.patch_size, stride=c.patch_size, bias=False)
         self.class_token = nn.Parameter(torch.zeros(c.vision_width)) if c.vision_pool == "cls" else None
         tokens = c.num_patches + (1 if c.vision_pool == "cls" else 0)
@@ -236,7 +239,9 @@ class ImageEncoder(nn.Module):
         x = self.ln_pre(x + self.position)
         for block in self.blocks:
             x = block(x)
-        x = x[:, 0] if self.class_token is not None else x.mean(dim=1)  # (B, C)
+        if self.pool == "max":
+            return self.proj(self.ln_post(x)).amax(dim=1)  # (B, N, D) → (B, D)
+        x = x[:, 0] if self.pool == "cls" else x.mean(dim=1)  # (B, C)
         return self.proj(self.ln_post(x))  # (B, D)
 
 

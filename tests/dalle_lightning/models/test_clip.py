@@ -119,8 +119,8 @@ def test_shapes_and_unit_length_embeddings(vision_pool, attention, pool):
 
 
 def test_max_pooling_takes_each_channel_from_its_strongest_patch():
-    """``vision_pool: max`` is the per-channel maximum over the patches' projected features: it has no class
-    token, and changing one patch moves the embedding only in channels where that patch is the maximum."""
+    """``vision_pool: max`` is the per-channel maximum over the patches' projected features, with no class
+    token."""
     config = replace(TINY, vision_pool="max", vision_layers=1)
     model = _model(config)
     assert model.image_encoder.class_token is None
