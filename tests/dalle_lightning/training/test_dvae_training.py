@@ -358,7 +358,7 @@ def test_module_entry_point_trains_from_the_filtered_dataset(tmp_path):
         train_dvae(MICRO, data_root=str(tmp_path / "data"), dataset="missing", out_dir=tmp_path / "x")
 
 
-@pytest.mark.slow  # fails: 95 % is not reached (38 % at the preset's 800 updates, 2026-11-25; issue 3)
+@pytest.mark.slow  # fails: 95 % is not reached (67 % at the preset's 800 updates in 88 s, 2026-12-06; issue 3)
 @pytest.mark.timeout(600)
 def test_tiny_dvae_overfits_64_shapes_images_so_the_checker_reads_them_back(tmp_path):
     """The issue's learning test: ≥ 95 % of the token reconstructions read back as the ground truth."""
