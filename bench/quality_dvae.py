@@ -166,9 +166,9 @@ def main(
         f"data: {n_train} train + {n_eval} held-out images at {size} px in {time.perf_counter() - start:.1f} s"
     )
 
-    steps_given = steps
-    per_step = seconds_per_step(config, train_images)
-    if steps <= 0:
+    budgeted = steps <= 0
+    if budgeted:
+        per_step = seconds_per_step(config, train_images)
         steps = max(1, int(budget_s / per_step))
     config = stretch(config, steps)
     m = config.model
@@ -177,9 +177,10 @@ def main(
         f"{m.n_blk_per_group} block(s) x {m.group_count} groups, batch {config.batch_size}, lr {config.lr}, "
         f"beta {m.kl_weight_start}->{m.kl_weight_end}, tau {m.temperature_start}->{m.temperature_end:.4f}"
     )
-    print(
-        f"budget {budget_s:.0f} CPU s at {per_step * 1000:.0f} CPU ms/update ({threads} threads) -> {steps} updates"
-    )
+    if budgeted:
+        print(
+            f"budget {budget_s:.0f} CPU s at {per_step * 1000:.0f} CPU ms/update ({threads} threads) -> {steps} updates"
+        )
 
     with tempfile.TemporaryDirectory() as out:
         cpu0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -192,7 +193,7 @@ def main(
         f"trained {result['steps']} updates in {wall:.0f} s wall, {cpu:.0f} s CPU "
         f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
     )
-    if cpu > budget_s and steps_given <= 0:
+    if budgeted and cpu > budget_s:
         print(
             f"OVER BUDGET: training used {cpu:.0f} CPU s, {cpu / budget_s - 1:.0%} more than --budget-s {budget_s:.0f}"
         )

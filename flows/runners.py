@@ -12,17 +12,14 @@ import logging
 import os
 from collections.abc import Iterator
 
-from prefect_dask import DaskTaskRunner
+import dask.config
+from prefect_dask import DaskTaskRunner  # imports distributed, whose config names the variables
 
 DEFAULT_WORKERS = 2
-DASK_SPAWN_VARIABLES = (
-    "OMP_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "MALLOC_TRIM_THRESHOLD_",
-)
-"""What ``distributed.nanny.pre-spawn-environ`` sets: a ``LocalCluster``'s nannies write them into
-*this* process's environment when they start their workers, and leave them there."""
+DASK_SPAWN_VARIABLES = (*dask.config.get("distributed.nanny.pre-spawn-environ", {}), "PYTHONHASHSEED")
+"""What a ``LocalCluster``'s nannies write into *this* process's environment when they start their
+workers, and leave there: ``distributed.nanny.pre-spawn-environ`` (``OMP_NUM_THREADS=1`` and the
+like) and the ``PYTHONHASHSEED`` they add to it."""
 _USER_SPAWN_VARIABLES = {name: os.environ.get(name) for name in DASK_SPAWN_VARIABLES}  # before any cluster
 
 

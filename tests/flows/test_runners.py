@@ -21,7 +21,7 @@ def test_training_processes_do_not_inherit_the_thread_limits_a_local_cluster_set
     with runners.dask_cluster_address(n_workers=1):
         assert os.environ.get("OMP_NUM_THREADS") == "1"  # what Dask did, so the test can fail
     env = runners.subprocess_environment(PYTHONUNBUFFERED="1")
-    assert "OMP_NUM_THREADS" not in env and "MKL_NUM_THREADS" not in env
+    assert "OMP_NUM_THREADS" not in env and "MKL_NUM_THREADS" not in env and "PYTHONHASHSEED" not in env
     assert env["PYTHONUNBUFFERED"] == "1" and env["PATH"] == os.environ["PATH"]
     code = "import torch; print(torch.get_num_threads())"
     threads = {
