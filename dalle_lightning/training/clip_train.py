@@ -30,7 +30,7 @@ import typer
 from dalle_lightning.config_overrides import build, load_train_preset, train_config_from_yaml
 from dalle_lightning.models.clip import ClipConfig
 
-PRESETS = ("tiny", "small")
+PRESETS = ("tiny", "small", "tiny_search")
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "64-true")
 
 
@@ -156,7 +156,7 @@ def _check_int(name: str, value: object, minimum: int) -> None:
 
 
 def load_preset(name: str) -> ClipTrainConfig:
-    """The checked-in preset ``dalle_lightning/presets/clip/<name>.yaml`` (``tiny``, ``small``).
+    """The checked-in preset ``dalle_lightning/presets/clip/<name>.yaml`` (``tiny``, ``small``, ``tiny_search``).
 
     The YAML has a ``model:`` section (:class:`ClipConfig` fields) and a
     ``train:`` section (the other :class:`ClipTrainConfig` fields); unknown
