@@ -27,11 +27,19 @@ def synth_shapes(
     n: Annotated[int, typer.Option(help="Number of images.")] = 2000,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    p_two_objects: Annotated[
+        float,
+        typer.Option(
+            help="Share of images with two objects (0: one object each, what `tiny_search` CLIP wants)."
+        ),
+    ] = 0.5,
 ) -> None:
     """Render the synthetic `shapes` set: 1-2 coloured shapes per image, captions, ground truth, held-out pairings."""
     from dalle_lightning.synth.shapes_dataset import ShapesConfig, write_shapes_dataset
 
-    table = write_shapes_dataset(str(out), ShapesConfig(n=n, size=size, seed=seed))
+    table = write_shapes_dataset(
+        str(out), ShapesConfig(n=n, size=size, seed=seed, p_two_objects=p_two_objects)
+    )
     splits = ", ".join(
         f"{s['values']}: {s['counts']}" for s in table.column("split").value_counts().to_pylist()
     )

@@ -19,6 +19,18 @@ def test_synth_shapes_writes_images_and_index(tmp_path):
     assert len(list((tmp_path / "s" / "images").glob("*.png"))) == 12
 
 
+def test_synth_shapes_can_make_lone_object_scenes(tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    args = ["synth", "shapes", str(tmp_path / "s"), "--n", "40", "--size", "32", "--p-two-objects", "0"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    objects = pq.read_table(tmp_path / "s" / "shapes.parquet").column("objects").to_pylist()
+    assert len(objects) == 40 and all(len(json.loads(o)) == 1 for o in objects)
+
+
 def test_verify_exit_code_follows_problems(tmp_path):
     layout = DatasetLayout(str(tmp_path))
     table = pa.table({"url": [f"http://127.0.0.1/{i}" for i in range(5)], "caption": ["c"] * 5})
