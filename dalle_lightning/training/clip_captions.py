@@ -53,14 +53,22 @@ def caption_objects(caption: str) -> list[tuple[str | None, str, str]]:
 class ObjectCaptions:
     """``(caption, rng) → caption``: with probability ``p``, a short caption naming one of the caption's objects.
 
+    The short caption keeps the object's size word ("a large red circle") with
+    probability ``size_words``, else it is "a red circle". Every word that is
+    not shape makes shape less needed to tell a batch's captions apart: with
+    size words half of the time a tiny CLIP learns shape later and less
+    surely (docs/benchmarks.md, "Search on shapes").
+
     Picklable (a data-loader worker gets a copy); all randomness comes from
     ``rng``, so a seeded stream stays reproducible and resumable.
     """
 
-    def __init__(self, p: float) -> None:
-        if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
-            raise ValueError(f"p must be a number in [0, 1], got {p!r}")
+    def __init__(self, p: float, size_words: float = 0.5) -> None:
+        for name, value in (("p", p), ("size_words", size_words)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
         self.p = float(p)
+        self.size_words = float(size_words)
 
     def __call__(self, caption: str, rng: np.random.Generator) -> str:
         if self.p == 0.0 or rng.random() >= self.p:
@@ -69,12 +77,12 @@ class ObjectCaptions:
         if not objects:
             return caption
         size, colour, shape = objects[rng.integers(len(objects))]
-        if size is not None and rng.random() < 0.5:
+        if size is not None and rng.random() < self.size_words:
             return f"a {size} {colour} {shape}"
         return f"a {colour} {shape}"
 
     def __repr__(self) -> str:
-        return f"ObjectCaptions(p={self.p})"
+        return f"ObjectCaptions(p={self.p}, size_words={self.size_words})"
 
 
 def swapped_shape(caption: str, rng: np.random.Generator) -> str | None:

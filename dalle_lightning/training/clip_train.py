@@ -63,6 +63,9 @@ class ClipTrainConfig:
     """Probability of training an image with a short caption naming one object of its ``shapes`` caption
     ("a red circle") instead of the whole caption, so that short search queries match
     (:class:`~dalle_lightning.training.clip_captions.ObjectCaptions`); captions it cannot read are kept."""
+    object_caption_size_words: float = 0.5
+    """Probability that such a short caption keeps the object's size word ("a large red circle"); fewer
+    size words leave shape as the cue that tells a batch's captions apart, so shape is learned sooner."""
     shape_negatives: bool = False
     """Score each image also against its caption with one object's shape word swapped (a hard negative,
     NegCLIP; :func:`~dalle_lightning.training.clip_captions.swapped_shape`): without it a small batch
@@ -100,7 +103,15 @@ class ClipTrainConfig:
             _check_int(name, getattr(self, name), 0)
         if self.lr_steps is not None:
             _check_int("lr_steps", self.lr_steps, 0)
-        for name in ("lr", "lr_end", "weight_decay", "bpe_dropout", "object_captions", "crop_min_scale"):
+        for name in (
+            "lr",
+            "lr_end",
+            "weight_decay",
+            "bpe_dropout",
+            "object_captions",
+            "object_caption_size_words",
+            "crop_min_scale",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"{name} must be a number, got {value!r}")
@@ -120,8 +131,9 @@ class ClipTrainConfig:
             raise ValueError(f"bpe_dropout must be in [0, 1), got {self.bpe_dropout!r}")
         if not isinstance(self.shape_negatives, bool):
             raise ValueError(f"shape_negatives must be true or false, got {self.shape_negatives!r}")
-        if not 0.0 <= self.object_captions <= 1.0:
-            raise ValueError(f"object_captions must be in [0, 1], got {self.object_captions!r}")
+        for name in ("object_captions", "object_caption_size_words"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if not 0.0 < self.crop_min_scale <= 1.0:
             raise ValueError(f"crop_min_scale must be in (0, 1], got {self.crop_min_scale!r}")
         if self.precision not in PRECISIONS:
@@ -243,7 +255,9 @@ def train_clip(
         min_scale=config.crop_min_scale,
         shuffle_buffer=config.shuffle_buffer,
         num_workers=config.num_workers,
-        caption_transform=ObjectCaptions(config.object_captions) if config.object_captions > 0 else None,
+        caption_transform=ObjectCaptions(config.object_captions, config.object_caption_size_words)
+        if config.object_captions > 0
+        else None,
         negative_caption=swapped_shape if config.shape_negatives else None,
     )
     logger: Any = False

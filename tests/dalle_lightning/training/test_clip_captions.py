@@ -50,10 +50,24 @@ def test_draws_come_from_the_generator_and_other_captions_are_kept():
         assert augment(other, np.random.default_rng(0)) == other
 
 
+def test_size_words_sets_how_often_the_short_caption_keeps_the_size_word():
+    examples = _examples()
+    rng = np.random.default_rng(1)
+    lengths = {
+        rate: [len(ObjectCaptions(1.0, size_words=rate)(c, rng).split()) for _, c, _ in examples]
+        for rate in (0.0, 0.5, 1.0)
+    }
+    assert set(lengths[0.0]) == {3}  # "a red circle"
+    assert set(lengths[1.0]) == {4}  # every shapes caption gives its objects a size word
+    assert 0.35 < lengths[0.5].count(4) / len(examples) < 0.65
+
+
 @pytest.mark.parametrize("p", [-0.1, 1.5, True, "0.3"])
 def test_bad_probability_is_a_value_error(p):
     with pytest.raises(ValueError, match="p must be"):
         ObjectCaptions(p)
+    with pytest.raises(ValueError, match="size_words must be"):
+        ObjectCaptions(0.5, size_words=p)
 
 
 def test_swapped_shape_changes_one_shape_word_and_nothing_else():

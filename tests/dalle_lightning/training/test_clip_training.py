@@ -129,6 +129,7 @@ def test_presets_load_as_typed_configs():
         ("train: {crop_min_scale: 0}", "crop_min_scale"),
         ("train: {precision: fp8}", "precision"),
         ("train: {grad_clip: -1}", "grad_clip"),
+        ("train: {object_caption_size_words: 1.5}", "object_caption_size_words must be in"),
         ("model: {image_size: 30}", "image_size"),
     ],
 )
