@@ -44,7 +44,8 @@ from dalle_lightning.models.dvae import DiscreteVAE, load_dvae
 from dalle_lightning.synth.checker import compare, read_shapes, summarise
 from dalle_lightning.synth.shapes import ShapeObject, render
 from dalle_lightning.synth.shapes_dataset import ShapesConfig, make_example
-from dalle_lightning.training.dvae_train import DVAETrainConfig, load_preset, train_dvae
+from dalle_lightning.training.dvae_train import DVAETrainConfig, train_dvae
+from flows.train_dvae import preset_with_overrides
 
 TARGETS = {"colour": 0.95, "position": 0.95, "all": 0.80, "codebook_use": 0.25}
 
@@ -92,18 +93,6 @@ def seconds_per_step(config: DVAETrainConfig, images: list[np.ndarray], steps: i
             train_dvae(short, shards=shards, out_dir=out)
             costs[n] = cpu_seconds() - start
     return (costs[steps] - costs[steps // 4]) / (steps - steps // 4)
-
-
-def with_overrides(config: DVAETrainConfig, overrides: list[str]) -> DVAETrainConfig:
-    """``config`` with ``model.FIELD=VALUE`` / ``train.FIELD=VALUE`` settings applied (as ``dalle --set``)."""
-    sections = parse_overrides(overrides)
-    unknown = sorted(set(sections) - {"model", "train"})
-    if unknown:
-        raise typer.BadParameter(f"--set sections are model and train, got {unknown}")
-    values = config.to_dict()
-    values["model"].update(sections.get("model", {}))
-    values.update(sections.get("train", {}))
-    return DVAETrainConfig.from_dict(values)
 
 
 def stretch(config: DVAETrainConfig, steps: int) -> DVAETrainConfig:
@@ -157,7 +146,7 @@ def main(
     ),
 ) -> None:
     torch.set_num_threads(threads)
-    config = with_overrides(load_preset(preset), overrides)
+    config = preset_with_overrides(preset, parse_overrides(overrides))
     size = config.model.image_size
     start = time.perf_counter()
     train_images, _ = shapes_images(n_train, size, seed, "train")

@@ -45,13 +45,14 @@ from dalle_lightning.stages.embed import EmbedConfig, clip_version, embed_shard,
 from dalle_lightning.synth.checker import read_shapes
 from dalle_lightning.synth.shapes import COLOURS, SHAPES, render
 from dalle_lightning.synth.shapes_dataset import ShapesConfig, make_example
-from dalle_lightning.training.clip_train import ClipTrainConfig, load_preset, train_clip
+from dalle_lightning.training.clip_train import train_clip
+from flows.train_clip import preset_with_overrides
 
 SIZE = 32
 QUERIES = (("red", "circle"), ("blue", "square"), ("green", "triangle"))
 
 
-def write_filtered(root: str, name: str, n: int, seed: int, shards: int, p_two_objects: float) -> None:
+def write_filtered(root: str, name: str, n: int, seed: int, shards: int, p_two_objects: float = 0.5) -> None:
     """``filter/<name>``: ``n`` 32 px shapes scenes (JPEG 95) in ``shards`` shards."""
     layout = DatasetLayout(root)
     config = ShapesConfig(
@@ -84,18 +85,6 @@ def write_filtered(root: str, name: str, n: int, seed: int, shards: int, p_two_o
         write_parquet_atomic(table, layout.shard("filter", name, shard_id), filtered_schema)
 
 
-def with_overrides(config: ClipTrainConfig, overrides: list[str]) -> ClipTrainConfig:
-    """``config`` with ``model.FIELD=VALUE`` / ``train.FIELD=VALUE`` settings applied (as ``dalle --set``)."""
-    sections = parse_overrides(overrides)
-    unknown = sorted(set(sections) - {"model", "train"})
-    if unknown:
-        raise typer.BadParameter(f"--set sections are model and train, got {unknown}")
-    values = config.to_dict()
-    values["model"].update(sections.get("model", {}))
-    values.update(sections.get("train", {}))
-    return ClipTrainConfig.from_dict(values)
-
-
 def lone_objects(count: int, seed: int) -> tuple[torch.Tensor, list[str], list[str]]:
     """``count`` one-object scenes (uint8 (N, 3, S, S), after JPEG q95) with their colours and shapes."""
     config = ShapesConfig(
@@ -125,7 +114,7 @@ def main(
     ),
 ) -> None:
     torch.set_num_threads(threads)
-    config = with_overrides(load_preset(preset), overrides)
+    config = preset_with_overrides(preset, parse_overrides(overrides))
     with tempfile.TemporaryDirectory() as tmp:
         root = str(Path(tmp) / "root")
         start = time.perf_counter()
@@ -171,13 +160,13 @@ def main(
         images, colours, shapes = lone_objects(400, seed=12)
         pairs = [(c, s) for c in COLOURS for s in SHAPES]
         with torch.no_grad():
-            texts = torch.as_tensor(np.asarray(searcher.encode_text([f"a {c} {s}" for c, s in pairs])))
-            best = (model.encode_image(images) @ texts.float().T).argmax(dim=1).tolist()
+            texts = torch.as_tensor(
+                np.asarray(searcher.encode_text([f"a {c} {s}" for c, s in pairs]), dtype=np.float32)
+            )  # (21, D)
+            best = (model.encode_image(images) @ texts.T).argmax(dim=1).tolist()
         shape_acc = np.mean([pairs[b][1] == s for b, s in zip(best, shapes, strict=True)])
         colour_acc = np.mean([pairs[b][0] == c for b, c in zip(best, colours, strict=True)])
-        cosine = float(
-            texts[pairs.index(("red", "circle"))].float() @ texts[pairs.index(("red", "square"))].float()
-        )
+        cosine = float(texts[pairs.index(("red", "circle"))] @ texts[pairs.index(("red", "square"))])
         print(
             f"  zero-shot on 400 lone objects: shape {shape_acc:.1%} (chance 33 %), colour {colour_acc:.1%}"
         )

@@ -12,33 +12,29 @@ attributes of 100 % of such images.
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import torch
 
-import data_schemas.filtered as filtered_schema
+from bench.search_quality import write_filtered
 from dalle_lightning.data.transforms import decode_image
 from dalle_lightning.datasets.layout import DatasetLayout, part_name, shard_id_of
-from dalle_lightning.datasets.parquet_io import list_parts, write_parquet_atomic
+from dalle_lightning.datasets.parquet_io import list_parts
 from dalle_lightning.models.clip import load_clip
 from dalle_lightning.search.index import ImageSearch
 from dalle_lightning.stages.bpe import BPEConfig, read_captions, train_bpe
 from dalle_lightning.stages.embed import EmbedConfig, clip_version, embed_shard, write_embeddings
 from dalle_lightning.synth.checker import read_shapes
-from dalle_lightning.synth.shapes import render
-from dalle_lightning.synth.shapes_dataset import ShapesConfig, make_example
 
 pytest.importorskip("faiss", reason="faiss-cpu is not installed (the `search` extra)")
 
 # slow: about three minutes on 2 CPU threads. The `tiny` preset (full captions, half the scenes with two
 # objects) stays shape-blind at this size: 6–9/16 red circles, zero-shot shape on lone objects at chance
 # (measured 2026-11-25 and 2026-12-06, with object captions, hard negatives, max pooling, 20,000 images,
-# 2,400 steps). Lone-object scenes with short object captions (`tiny_search`) learn shape: 15/16 on
+# 2,400 steps). Lone-object scenes with short object captions (`tiny_search`) learn shape: 16/16 on
 # 2026-12-06 (docs/benchmarks.md, "Search on shapes").
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -62,47 +58,14 @@ def _train_clip():
     return clip_train
 
 
-def _write_filtered(root: str, name: str, n: int, seed: int, shards: int, p_two_objects: float = 0.5) -> None:
-    """``filter/<name>``: ``n`` 32 px shapes images (JPEG 95, as ingest keeps them) in ``shards`` shards."""
-    layout = DatasetLayout(root)
-    config = ShapesConfig(
-        n=n, size=SIZE, seed=seed, heldout_fraction=0.0, heldout_images=0.0, p_two_objects=p_two_objects
-    )
-    per_shard = -(-n // shards)
-    for s in range(shards):
-        shard_id = f"{seed:04x}{s:08x}"
-        rows = []
-        for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
-            scene, caption, _ = make_example(config, i)
-            buffer = io.BytesIO()
-            render(scene, SIZE).save(buffer, format="JPEG", quality=95)
-            rows.append(
-                {
-                    "key": f"{shard_id}-{i:06d}",
-                    "url": f"http://127.0.0.1/{name}/{i}.png",
-                    "caption": caption,
-                    "image": buffer.getvalue(),
-                    "width": SIZE,
-                    "height": SIZE,
-                    "original_width": SIZE,
-                    "original_height": SIZE,
-                    "sha256": f"{seed:x}-{i}".ljust(64, "0"),
-                    "phash": i,
-                    "caption_len": len(caption),
-                }
-            )
-        table = pa.Table.from_pylist(rows, schema=filtered_schema.SCHEMA)
-        write_parquet_atomic(table, layout.shard("filter", name, shard_id), filtered_schema)
-
-
 def test_red_circle_search_on_shapes(tmp_path):
     clip_train = _train_clip()
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
         root = str(tmp_path / "root")
-        _write_filtered(root, "train", TRAIN_IMAGES, seed=10, shards=8, p_two_objects=0.0)
-        _write_filtered(root, "search", SEARCH_IMAGES, seed=11, shards=2)
+        write_filtered(root, "train", TRAIN_IMAGES, seed=10, shards=8, p_two_objects=0.0)
+        write_filtered(root, "search", SEARCH_IMAGES, seed=11, shards=2)
 
         start = time.perf_counter()
         clip_path, steps = _train_tiny_clip(clip_train, root, tmp_path / "clip")
