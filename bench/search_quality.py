@@ -36,7 +36,7 @@ from PIL import Image
 import data_schemas.filtered as filtered_schema
 from dalle_lightning.config_overrides import parse_overrides
 from dalle_lightning.data.transforms import decode_image
-from dalle_lightning.datasets.layout import DatasetLayout, part_name, shard_id_of
+from dalle_lightning.datasets.layout import DatasetLayout, shard_id_of
 from dalle_lightning.datasets.parquet_io import list_parts, write_parquet_atomic
 from dalle_lightning.models.clip import load_clip
 from dalle_lightning.search.index import ImageSearch
@@ -45,7 +45,8 @@ from dalle_lightning.stages.embed import EmbedConfig, clip_version, embed_shard,
 from dalle_lightning.synth.checker import read_shapes
 from dalle_lightning.synth.shapes import COLOURS, SHAPES, render
 from dalle_lightning.synth.shapes_dataset import ShapesConfig, make_example
-from dalle_lightning.training.clip_train import train_clip
+from dalle_lightning.training.clip_train import ClipTrainConfig, train_clip
+from flows.embed import embeddings_path
 from flows.train_clip import preset_with_overrides
 
 SIZE = 32
@@ -85,6 +86,33 @@ def write_filtered(root: str, name: str, n: int, seed: int, shards: int, p_two_o
         write_parquet_atomic(table, layout.shard("filter", name, shard_id), filtered_schema)
 
 
+def train_search_clip(root: str, config: ClipTrainConfig, out_dir: Path) -> dict:
+    """``config`` trained on the CPU on ``filter/train`` with a caption BPE of 512; ``train_clip``'s result."""
+    tokenizer = train_bpe(
+        list(read_captions(list_parts(DatasetLayout(root).dataset("filter", "train")))),
+        BPEConfig(vocab_size=512),
+    )
+    config = replace(
+        config,
+        model=replace(config.model, text_vocab=tokenizer.get_vocab_size()),
+        accelerator="cpu",
+        devices=1,
+        checkpoint_every_n_steps=10_000_000,
+    )
+    return train_clip(config, bpe=tokenizer, data_root=root, dataset="train", out_dir=out_dir)
+
+
+def index_split(root: str, name: str, clip_path: str) -> ImageSearch:
+    """``filter/<name>`` embedded by the embed stage with the CLIP at ``clip_path``, as a search index."""
+    layout = DatasetLayout(root)
+    model, tokenizer = load_clip(clip_path)
+    version = clip_version(clip_path)
+    for part in list_parts(layout.dataset("filter", name)):
+        table = embed_shard(part, model, tokenizer, EmbedConfig(device="cpu"), clip_version=version)
+        write_embeddings(table, embeddings_path(layout, version, name, shard_id_of(part)))
+    return ImageSearch.from_clip(root, name, clip_path)
+
+
 def lone_objects(count: int, seed: int) -> tuple[torch.Tensor, list[str], list[str]]:
     """``count`` one-object scenes (uint8 (N, 3, S, S), after JPEG q95) with their colours and shapes."""
     config = ShapesConfig(
@@ -122,33 +150,12 @@ def main(
         write_filtered(root, "search", 500, seed=11, shards=2, p_two_objects=0.5)
         print(f"data: {n_train} training + 500 search scenes in {time.perf_counter() - start:.1f} s")
 
-        layout = DatasetLayout(root)
-        tokenizer = train_bpe(
-            list(read_captions(list_parts(layout.dataset("filter", "train")))), BPEConfig(vocab_size=512)
-        )
-        config = replace(
-            config,
-            model=replace(config.model, text_vocab=tokenizer.get_vocab_size()),
-            accelerator="cpu",
-            devices=1,
-            seed=seed,
-            checkpoint_every_n_steps=10_000_000,
-        )
         start = time.perf_counter()
-        result = train_clip(
-            config, bpe=tokenizer, data_root=root, dataset="train", out_dir=Path(tmp) / "clip"
-        )
+        result = train_search_clip(root, replace(config, seed=seed), Path(tmp) / "clip")
         train_seconds = time.perf_counter() - start
         path = str(result["model_path"])
-
-        model, clip_tokenizer = load_clip(path)
-        version = clip_version(path)
-        for part in list_parts(layout.dataset("filter", "search")):
-            table = embed_shard(part, model, clip_tokenizer, EmbedConfig(device="cpu"), clip_version=version)
-            write_embeddings(
-                table, layout.join("embeddings", version, "search", part_name(shard_id_of(part)))
-            )
-        searcher = ImageSearch.from_clip(root, "search", path)
+        model, _ = load_clip(path)
+        searcher = index_split(root, "search", path)
         print(f"{preset} (seed {seed}): {result['steps']} steps in {train_seconds:.0f} s")
         for colour, shape in QUERIES:
             query = f"a {colour} {shape}"

@@ -13,21 +13,15 @@ attributes of 100 % of such images.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
-from bench.search_quality import write_filtered
+from bench.search_quality import index_split, train_search_clip, write_filtered
 from dalle_lightning.data.transforms import decode_image
-from dalle_lightning.datasets.layout import DatasetLayout, part_name, shard_id_of
-from dalle_lightning.datasets.parquet_io import list_parts
 from dalle_lightning.models.clip import load_clip
-from dalle_lightning.search.index import ImageSearch
-from dalle_lightning.stages.bpe import BPEConfig, read_captions, train_bpe
-from dalle_lightning.stages.embed import EmbedConfig, clip_version, embed_shard, write_embeddings
 from dalle_lightning.synth.checker import read_shapes
+from dalle_lightning.training.clip_train import load_preset
 
 pytest.importorskip("faiss", reason="faiss-cpu is not installed (the `search` extra)")
 
@@ -47,19 +41,7 @@ TRAIN_SECONDS = 300  # guard: the preset's 2,400 steps take ~3 minutes on 2 thre
 THREADS = 2
 
 
-def _train_clip():
-    """The project's CLIP trainer, or a skip while it is not written yet."""
-    try:
-        from dalle_lightning.training import clip_train
-    except ImportError:
-        pytest.skip("clip training not available")
-    if not hasattr(clip_train, "train_clip"):
-        pytest.skip("clip training not available")
-    return clip_train
-
-
 def test_red_circle_search_on_shapes(tmp_path):
-    clip_train = _train_clip()
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
@@ -68,20 +50,13 @@ def test_red_circle_search_on_shapes(tmp_path):
         write_filtered(root, "search", SEARCH_IMAGES, seed=11, shards=2)
 
         start = time.perf_counter()
-        clip_path, steps = _train_tiny_clip(clip_train, root, tmp_path / "clip")
+        result = train_search_clip(root, load_preset("tiny_search"), tmp_path / "clip")
         train_seconds = time.perf_counter() - start
+        clip_path, steps = str(result["model_path"]), int(result["steps"])
 
-        model, tokenizer = load_clip(clip_path)
+        model, _ = load_clip(clip_path)
         assert model.config.image_size == SIZE
-        version = clip_version(clip_path)
-        layout = DatasetLayout(root)
-        for path in list_parts(layout.dataset("filter", "search")):
-            table = embed_shard(path, model, tokenizer, EmbedConfig(device="cpu"), clip_version=version)
-            write_embeddings(
-                table, layout.join("embeddings", version, "search", part_name(shard_id_of(path)))
-            )
-
-        searcher = ImageSearch.from_clip(root, "search", clip_path)
+        searcher = index_split(root, "search", clip_path)
         hits = searcher.search(QUERY, K)
         images = searcher.index.image_bytes(hits)
     finally:
@@ -98,19 +73,3 @@ def test_red_circle_search_on_shapes(tmp_path):
     )
     assert sum(good) >= 0.9 * K, f"{sum(good)}/{K} hits for {QUERY!r} are red circles:\n{report}"
     assert train_seconds < TRAIN_SECONDS, f"training took {train_seconds:.0f} s"
-
-
-def _train_tiny_clip(clip_train, root: str, out_dir: Path) -> tuple[str, int]:
-    """The ``tiny_search`` preset on the CPU, trained on ``filter/train`` with a BPE of its captions; (clip.pt, steps)."""
-    captions = list(read_captions(list_parts(DatasetLayout(root).dataset("filter", "train"))))
-    tokenizer = train_bpe(captions, BPEConfig(vocab_size=512))
-    config = clip_train.load_preset("tiny_search")
-    config = replace(
-        config,
-        accelerator="cpu",
-        devices=1,
-        checkpoint_every_n_steps=10_000,
-        model=replace(config.model, text_vocab=tokenizer.get_vocab_size()),
-    )
-    result = clip_train.train_clip(config, bpe=tokenizer, data_root=root, dataset="train", out_dir=out_dir)
-    return str(result["model_path"]), int(result["steps"])
